@@ -1,0 +1,163 @@
+"""The command line: parse, call one stage function, render its result with rich. The only module that prints.
+
+User errors (recipe, data, model name, run directory, budget) print one message and exit with their code
+(2, or 3 for budgets); anything else is a bug and keeps its traceback (shown in full with --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.syntax import Syntax
+from rich.table import Table
+
+from qlora_lite.errors import UserError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def quiet_libraries(debug: bool) -> None:
+    """Keep library chatter (progress bars, deprecation notes, bitsandbytes' kernel hub notice) off the screen."""
+    if debug:
+        logging.basicConfig(level=logging.INFO)
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.disable_progress_bar()
+    for name in ("bitsandbytes", "transformers", "datasets", "peft", "trl", "accelerate", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet_libraries(args.debug)
+    try:
+        return args.func(args)
+    except UserError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        return e.exit_code
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: continue from the last checkpoint with --resume")
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qlora_lite",
+        description="Fine-tune a language model with QLoRA on one consumer GPU, knowing beforehand that it fits.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show library logs and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="train (and evaluate, export) as the recipe says")
+    p.add_argument("recipe", help="path to a TOML recipe, e.g. recipes/quickstart.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value, e.g. --set train.max_steps=30 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue an existing run from its last checkpoint")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def cmd_run(args) -> int:
+    from qlora_lite.recipe import load_recipe
+    from qlora_lite.run import run
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    with TrainingView() as view:
+        result = run(recipe, resume=args.resume, notify=view.notify)
+    console.print(
+        f"[bold green]done[/] in {result.seconds:.0f} s: adapter saved to [bold]{result.train.adapter_dir}[/]"
+    )
+    return 0
+
+
+class TrainingView:
+    """Renders `run`'s events: the resolved recipe and setup before training, a live bar during, a table after."""
+
+    def __init__(self):
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def notify(self, event: str, payload) -> None:
+        getattr(self, f"on_{event}", lambda p: None)(payload)
+
+    def on_recipe(self, p):
+        console.rule(f"run directory {p['run_dir']}")
+        console.print(Syntax(p["toml"], "toml", theme="ansi_dark", background_color="default"))
+
+    def on_setup(self, p):
+        stats = p["data"]
+        table = Table(title="setup", show_header=False, title_justify="left")
+        table.add_row("model", f"{p['kind']} on {p['device']}, compute {p['compute_dtype']}, optimizer {p['optimizer']}")
+        table.add_row(
+            "parameters",
+            f"{p['trainable_params']:,} trainable of {p['total_params']:,} "
+            f"({100 * p['trainable_params'] / p['total_params']:.2f}%)",
+        )
+        table.add_row(
+            "data",
+            f"{stats.rows} training rows; dropped {stats.dropped_empty} empty, {stats.dropped_too_long} too long; "
+            f"{stats.truncated_prompts} prompts truncated; longest prompt {stats.prompt_tokens_max} tokens, "
+            f"target {stats.target_tokens_max}",
+        )
+        table.add_row(
+            "schedule",
+            f"{p['steps']} steps x effective batch {p['effective_batch']} = {p['epochs']:.2f} epochs, "
+            f"~{p['tokens_per_step']:,.0f} tokens per step",
+        )
+        console.print(table)
+
+    def on_progress(self, p):
+        if self.task is None:
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=p.get("max_steps"), stats="")
+        fields = {"completed": p.get("step", 0)}
+        if p.get("event") == "log" and "loss" in p:
+            fields["stats"] = (
+                f"loss {p['loss']:.4f}  lr {p.get('learning_rate', 0):.2e}  {p.get('tokens_per_s', 0):,.0f} tok/s"
+            )
+        self.progress.update(self.task, **fields)
+
+    def on_trained(self, result):
+        self.progress.stop()
+        table = Table(title="training", title_justify="left")
+        for col in ("steps", "first loss", "last loss", "time", "tokens/s"):
+            table.add_column(col, justify="right")
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        table.add_row(
+            str(result.steps), fmt(result.first_loss), fmt(result.last_loss),
+            f"{result.train_seconds:.0f} s", f"{result.tokens_per_s:,.0f}",
+        )
+        console.print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

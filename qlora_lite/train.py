@@ -1,0 +1,196 @@
+"""Stage 4: train the LoRA adapter and save it.
+
+Two explicit, parallel branches: decoder-only models train with TRL's `SFTTrainer` on examples we tokenized
+ourselves (labels already mask the prompt); encoder-decoder models (T5, BART) train with transformers'
+`Seq2SeqTrainer`, whose encoder sees only the prompt. Both log through the same callbacks: one JSON line per
+logged step in `metrics.jsonl`, and an `on_progress(dict)` hook the CLI renders.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import PrinterCallback, TrainerCallback
+
+from qlora_lite.errors import UserError
+from qlora_lite.model import LoadedModel
+from qlora_lite.recipe import TrainRecipe
+
+log = logging.getLogger(__name__)
+
+CUDA_ONLY_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+    train_seconds: float
+    tokens_per_s: float
+    adapter_dir: Path
+
+
+def pick_optimizer(train: TrainRecipe, device: str) -> str:
+    """auto = paged 8-bit AdamW on CUDA (optimizer state off the GPU's critical path), plain AdamW on CPU."""
+    if train.optimizer == "auto":
+        return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
+    if device != "cuda" and train.optimizer in CUDA_ONLY_OPTIMIZERS:
+        raise UserError(f"train.optimizer = {train.optimizer!r} needs a CUDA GPU; use \"auto\" or \"adamw_torch\"")
+    return train.optimizer
+
+
+def planned_steps(train: TrainRecipe, train_rows: int) -> int:
+    """Optimizer steps the run will take: max_steps, or epochs over the training rows."""
+    if train.max_steps is not None:
+        return train.max_steps
+    per_epoch = math.ceil(train_rows / (train.micro_batch_size * train.gradient_accumulation_steps))
+    return max(1, math.ceil(per_epoch * (train.epochs or 1.0)))
+
+
+def _common_args(train: TrainRecipe, loaded: LoadedModel, checkpoints: Path, has_eval: bool) -> dict:
+    """TrainingArguments shared by both branches. Checkpointing is already set up on the model (model.py)."""
+    return dict(
+        output_dir=str(checkpoints),
+        max_steps=train.max_steps if train.max_steps is not None else -1,
+        num_train_epochs=train.epochs if train.epochs is not None else 1.0,
+        per_device_train_batch_size=train.micro_batch_size,
+        per_device_eval_batch_size=train.micro_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,  # transformers 5 reads a float < 1 as a ratio
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=pick_optimizer(train, loaded.device),
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_steps=train.logging_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        eval_strategy="steps" if has_eval and train.eval_steps else "no",
+        eval_steps=train.eval_steps,
+        bf16=loaded.compute_dtype == torch.bfloat16 and loaded.device == "cuda",
+        fp16=loaded.compute_dtype == torch.float16 and loaded.device == "cuda",
+        use_cpu=loaded.device == "cpu",
+        gradient_checkpointing=False,
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="all",
+        remove_unused_columns=False,
+        dataloader_pin_memory=loaded.device == "cuda",
+    )
+
+
+class MetricsLog(TrainerCallback):
+    """Appends one JSON object per logged step to metrics.jsonl and forwards it to the progress hook."""
+
+    def __init__(self, path: Path, on_progress: Callable[[dict], None] | None):
+        self.path, self.on_progress = path, on_progress
+        self.start = time.monotonic()
+        self.start_tokens = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.start_tokens = time.monotonic(), state.num_input_tokens_seen
+        if self.on_progress:
+            self.on_progress({"event": "begin", "step": state.global_step, "max_steps": state.max_steps})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.on_progress:
+            self.on_progress({"event": "step", "step": state.global_step, "max_steps": state.max_steps})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        elapsed = time.monotonic() - self.start
+        row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+        row["tokens_per_s"] = (state.num_input_tokens_seen - (self.start_tokens or 0)) / max(elapsed, 1e-9)
+        row["elapsed_s"] = elapsed
+        if "train_loss" in logs:  # the closing summary, not a step
+            row["event"] = "end"
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.on_progress:
+            self.on_progress({"event": "log", "max_steps": state.max_steps, **row})
+
+
+def build_trainer(loaded: LoadedModel, train_ds, eval_ds, train: TrainRecipe, run_dir: Path, callbacks: list):
+    """The decoder-only (SFTTrainer) or encoder-decoder (Seq2SeqTrainer) trainer for this model."""
+    common = _common_args(train, loaded, run_dir / "checkpoints", eval_ds is not None)
+    if loaded.is_encoder_decoder:
+        from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+        return Seq2SeqTrainer(
+            model=loaded.model,
+            args=Seq2SeqTrainingArguments(**common),
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            data_collator=DataCollatorForSeq2Seq(loaded.tokenizer, model=loaded.model, label_pad_token_id=-100),
+            processing_class=loaded.tokenizer,
+            callbacks=callbacks,
+        )
+    from trl import SFTConfig, SFTTrainer
+
+    return SFTTrainer(
+        model=loaded.model,
+        # Examples arrive tokenized with labels; TRL must not re-tokenize, truncate or re-mask them.
+        args=SFTConfig(**common, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, packing=False),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=loaded.tokenizer,
+        callbacks=callbacks,
+    )
+
+
+def train(
+    loaded: LoadedModel,
+    train_ds,
+    eval_ds,
+    train: TrainRecipe,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    on_progress: Callable[[dict], None] | None = None,
+    callbacks: list = (),
+) -> TrainResult:
+    """Train, save the adapter (PEFT format) and tokenizer to run_dir/adapter, return what happened."""
+    torch.manual_seed(train.seed)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", on_progress)
+    trainer = build_trainer(loaded, train_ds, eval_ds, train, run_dir, [metrics, *callbacks])
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; the progress hook replaces it
+    checkpoint = last_checkpoint(run_dir) if resume else None
+    started = time.monotonic()
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    seconds = time.monotonic() - started
+    adapter_dir = run_dir / "adapter"
+    loaded.model.save_pretrained(adapter_dir)
+    loaded.tokenizer.save_pretrained(adapter_dir)
+    losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r and r.get("event") != "end"]
+    tokens = trainer.state.num_input_tokens_seen
+    return TrainResult(
+        steps=trainer.state.global_step,
+        first_loss=losses[0] if losses else None,
+        last_loss=losses[-1] if losses else output.training_loss,
+        train_seconds=seconds,
+        tokens_per_s=tokens / seconds if seconds else 0.0,
+        adapter_dir=adapter_dir,
+    )
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return found[-1] if found else None
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
