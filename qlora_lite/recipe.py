@@ -309,7 +309,9 @@ def _tname(value) -> str:
 
 
 def _hint(word: str, choices, prefix: str = "") -> str:
-    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    choices = [str(c) for c in choices]
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    close = close or sorted((c for c in choices if word.startswith(c) or c.startswith(word)), key=len)[-1:]
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 

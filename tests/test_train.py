@@ -1,0 +1,152 @@
+"""Training on tiny 4-bit models: the loss falls, only LoRA weights move, the encoder never sees the target,
+runs resume from their checkpoint and are never overwritten."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import recipe_text
+from qlora_lite import data as data_stage
+from qlora_lite import model as model_stage
+from qlora_lite.cli import main
+from qlora_lite.errors import UserError
+from qlora_lite.recipe import load_recipe
+from qlora_lite.run import run
+from qlora_lite.train import read_metrics, train
+
+
+def make_recipe(tmp_path, model_dir, data_dir, name="t", overrides=(), **extra):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(recipe_text(model_dir, data_dir, tmp_path / "runs", name=name, **extra))
+    return load_recipe(path, list(overrides))
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r and r.get("event") != "end"]
+
+
+def falls(values: list[float]) -> bool:
+    return sum(values[-3:]) / 3 < sum(values[:3]) / 3 - 0.1
+
+
+def train_directly(recipe):
+    """The stages `run` calls, with the model kept so the test can inspect it."""
+    recipe.run_dir.mkdir(parents=True)
+    loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train)
+    rows = data_stage.load_splits(recipe.data, recipe.prompt)["train"]
+    ds, _ = data_stage.build_examples(rows, loaded.tokenizer, recipe.data, recipe.prompt, recipe.train,
+                                      loaded.is_encoder_decoder)
+    model_stage.attach_lora(loaded, recipe.lora, recipe.train)
+    return loaded, ds
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_t5"])
+def test_4bit_training_moves_only_lora_weights_and_loss_falls(model_fixture, request, tmp_path, tiny_data):
+    import bitsandbytes as bnb
+
+    recipe = make_recipe(tmp_path, request.getfixturevalue(model_fixture), tiny_data)
+    loaded, ds = train_directly(recipe)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in loaded.model.modules())
+    assert loaded.compute_dtype == torch.float32 and loaded.device == "cpu"
+    before = snapshot(loaded.model)
+    result = train(loaded, ds, None, recipe.train, recipe.run_dir)
+    after = snapshot(loaded.model)
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    lora = {n for n, p in loaded.model.named_parameters() if "lora_" in n}
+    assert lora and moved == lora  # every adapter weight trained, no base weight touched
+    assert falls(losses(recipe.run_dir)), losses(recipe.run_dir)
+    assert result.steps == 12
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def test_encoder_never_sees_the_target(tmp_path, tiny_t5, tiny_data):
+    recipe = make_recipe(tmp_path, tiny_t5, tiny_data, overrides=["train.max_steps=3"])
+    loaded, ds = train_directly(recipe)
+    seen = []
+    encoder = loaded.model.get_base_model().get_encoder()
+    encoder.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].clone()),
+                                      with_kwargs=True)
+    train(loaded, ds, None, recipe.train, recipe.run_dir)
+    assert seen
+    for batch in seen:
+        for ids in batch:
+            text = loaded.tokenizer.decode(ids, skip_special_tokens=True)
+            assert "Summarize:" in text and "brings" not in text  # every target says "X brings the ..."
+
+
+def test_run_writes_the_run_directory(tmp_path, tiny_llama, tiny_data):
+    recipe = make_recipe(tmp_path, tiny_llama, tiny_data)
+    events = []
+    result = run(recipe, notify=lambda e, p: events.append(e))
+    d = result.run_dir
+    assert load_recipe(d / "recipe.toml") == recipe  # fully resolved, reads back identically
+    env = json.loads((d / "env.json").read_text())
+    assert env["device"] == "cpu" and env["packages"]["peft"]
+    rows = read_metrics(d)
+    assert all("step" in r for r in rows) and [r["step"] for r in rows if "loss" in r][:3] == [1, 2, 3]
+    assert {"recipe", "setup", "progress", "trained"} <= set(events)
+    assert result.trainable_params < result.total_params
+
+
+def test_existing_run_directory_is_refused(tmp_path, tiny_llama, tiny_data):
+    recipe = make_recipe(tmp_path, tiny_llama, tiny_data)
+    recipe.run_dir.mkdir(parents=True)
+    (recipe.run_dir / "mine.txt").write_text("keep me")
+    with pytest.raises(UserError, match="--resume"):
+        run(recipe)
+    assert (recipe.run_dir / "mine.txt").read_text() == "keep me"
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_llama, tiny_data):
+    first = make_recipe(tmp_path, tiny_llama, tiny_data)
+    run(first)
+    longer = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=["train.max_steps=18"])
+    result = run(longer, resume=True)
+    steps = [r["step"] for r in read_metrics(result.run_dir) if "loss" in r and r.get("event") != "end"]
+    assert steps == list(range(1, 19))  # 1-12, then 13-18 from checkpoint-12: no step repeated
+    assert result.train.steps == 18
+
+
+def test_resume_refuses_a_changed_model_or_data(tmp_path, tiny_llama, tiny_data):
+    run(make_recipe(tmp_path, tiny_llama, tiny_data))
+    changed = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=["lora.r=4"])
+    with pytest.raises(UserError, match=r"\[lora\]"):
+        run(changed, resume=True)
+
+
+def test_resume_without_a_run_is_refused(tmp_path, tiny_llama, tiny_data):
+    with pytest.raises(UserError, match="no run"):
+        run(make_recipe(tmp_path, tiny_llama, tiny_data), resume=True)
+
+
+def test_cli_run_end_to_end(tmp_path, tiny_llama, tiny_data, capsys):
+    path = tmp_path / "r.toml"
+    path.write_text(recipe_text(tiny_llama, tiny_data, tmp_path / "runs", name="cli"))
+    assert main(["run", str(path), "--set", "train.max_steps=4"]) == 0
+    out = capsys.readouterr().out
+    assert "adapter saved to" in out and "trainable" in out
+    assert main(["run", str(path)]) == 2  # the run directory now exists
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_cli_recipe_error_exits_2_without_traceback(tmp_path, capsys):
+    path = tmp_path / "r.toml"
+    path.write_text('name = "x"\n[model]\nname = "m"\n[lora]\nrank = 8\n')
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "lora.rank" in err and "Traceback" not in err
+
+
+def test_cli_unknown_model_is_a_clean_error(tmp_path, tiny_data, capsys):
+    path = tmp_path / "r.toml"
+    path.write_text(recipe_text(tmp_path / "no-such-model", tiny_data, tmp_path / "runs"))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "model.name" in err and "Traceback" not in err
