@@ -88,9 +88,9 @@ class TrainRecipe:
     micro_batch_size: int = _opt(4, lo=1, doc="sequences per forward pass")
     gradient_accumulation_steps: int = _opt(4, lo=1, doc="micro-batches per optimizer step")
     learning_rate: float = _opt(2e-4, lo=0, hi=1, doc="peak learning rate")
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _opt("cosine")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _opt("cosine", doc="learning-rate schedule after warmup")
     warmup_ratio: float = _opt(0.03, lo=0, hi=0.99, doc="fraction of steps spent warming up")
-    weight_decay: float = _opt(0.0, lo=0)
+    weight_decay: float = _opt(0.0, lo=0, doc="AdamW weight decay on the LoRA weights")
     max_grad_norm: float = _opt(0.3, lo=0, doc="gradient clipping (0.3 as in the QLoRA paper)")
     max_length: int = _opt(512, lo=8, doc="decoder-only: prompt + target tokens")
     max_source_length: int = _opt(512, lo=8, doc="encoder-decoder: prompt tokens")
@@ -99,8 +99,8 @@ class TrainRecipe:
     optimizer: Literal[
         "auto", "adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit", "adafactor"
     ] = _opt("auto", doc="auto = paged_adamw_8bit on CUDA, adamw_torch on CPU")
-    seed: int = _opt(42)
-    logging_steps: int = _opt(10, lo=1)
+    seed: int = _opt(42, doc="seeds weights init, shuffling and dropout")
+    logging_steps: int = _opt(10, lo=1, doc="a metrics.jsonl line every N steps")
     save_steps: int = _opt(100, lo=1, doc="checkpoint every N steps (for --resume)")
     save_total_limit: int = _opt(2, lo=1, doc="checkpoints kept")
     eval_steps: int | None = _opt(None, lo=1, doc="eval loss every N steps (needs data.eval)")
@@ -119,8 +119,8 @@ class BudgetRecipe:
 class EvalRecipe:
     enabled: bool = _opt(True, doc="evaluate base vs tuned at the end of run")
     split: Literal["test", "eval"] = _opt("test", doc="which held-out split (falls back to eval)")
-    max_new_tokens: int = _opt(128, lo=1)
-    batch_size: int = _opt(8, lo=1)
+    max_new_tokens: int = _opt(128, lo=1, doc="generation length cap (always explicit)")
+    batch_size: int = _opt(8, lo=1, doc="prompts generated at once (its own memory peak)")
     max_samples: int | None = _opt(None, lo=1, doc="evaluate on the first N examples")
     metrics: list[str] = _opt(("rouge",), doc='"rouge" and optionally "bleu"')
     forgetting: str | None = _opt(None, doc="text file or dataset to measure forgetting on")
@@ -129,7 +129,7 @@ class EvalRecipe:
 @dataclass(frozen=True)
 class ExportRecipe:
     merge: bool = _opt(False, doc="merge the adapter into a full-precision copy at the end of run")
-    dtype: Literal["bf16", "fp16", "fp32"] = _opt("bf16")
+    dtype: Literal["bf16", "fp16", "fp32"] = _opt("bf16", doc="dtype of the merged export")
     base: Literal["dequantized", "original"] = _opt("dequantized", doc="merge into the NF4-rounded base")
 
 
