@@ -2,9 +2,10 @@
 
     python tools/bench_checkpointing.py [--hidden 1024 --layers 8 --seq 512 --batch 4]
 
-Each mode runs in a fresh subprocess on a 4-bit random Llama built from a config (no download). On CUDA it
-reports torch.cuda.max_memory_allocated; on CPU the growth of the process's peak RSS over the loaded model,
-which counts the same saved activations. qlora_lite's model.attach_lora uses the mode with the lower peak.
+Each mode runs in a fresh subprocess on a 4-bit random Llama built from a config (no download), in train mode
+(transformers only checkpoints while training). On CUDA it reports torch.cuda.max_memory_allocated over the
+loaded model; on CPU the peak bytes of live tensors created during the step, tracked with a dispatch mode (a
+process's peak RSS does not show it: the allocator keeps freed pages). qlora_lite uses reentrant checkpoints.
 """
 
 from __future__ import annotations
@@ -16,7 +17,26 @@ import sys
 import tempfile
 
 CHILD = r"""
-import json, resource, sys, time, torch
+import json, sys, time, weakref, torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+class LiveBytes(TorchDispatchMode):
+    # peak bytes of the tensors created inside the mode that are still alive (by storage)
+    def __init__(self):
+        super().__init__(); self.live, self.now, self.peak = {}, 0, 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                s = t.untyped_storage(); key = s.data_ptr()
+                if key and key not in self.live:
+                    self.live[key] = s.nbytes(); self.now += s.nbytes(); self.peak = max(self.peak, self.now)
+                    weakref.finalize(s, self.free, key)
+        return out
+    def free(self, key):
+        self.now -= self.live.pop(key, 0)
+
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 from peft import LoraConfig, get_peft_model
 a = json.loads(sys.argv[1])
@@ -35,19 +55,19 @@ if a["mode"] != "off":
     if reentrant:
         model.enable_input_require_grads()
 model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+model.train()
 x = torch.randint(0, 32000, (a["batch"], a["seq"]), device=model.device)
 if cuda:
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
-else:
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+tracker = LiveBytes() if not cuda else None
 t = time.time()
-with torch.autocast("cuda", dtype=dtype, enabled=cuda):
+with tracker or torch.autocast("cuda", dtype=dtype):
     loss = model(input_ids=x, labels=x).loss
-loss.backward()
+    loss.backward()
 if cuda:
     torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated() - base
 else:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    peak = tracker.peak
 print(json.dumps({"mode": a["mode"], "peak_over_model_mib": peak / 2**20, "seconds": time.time() - t}))
 """
 
