@@ -36,12 +36,12 @@ class RunResult:
 
 def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object], None] = lambda e, p: None):
     started = time.monotonic()
-    run_dir = prepare_run_dir(recipe, resume)
-    notify("recipe", {"run_dir": run_dir, "toml": recipe_to_toml(recipe)})
+    check_run_dir(recipe, resume)  # refuse at once, before minutes of loading
+    optimizer = train_stage.pick_optimizer(recipe.train, model_stage.pick_device(recipe.train))
+    notify("recipe", {"run_dir": recipe.run_dir, "toml": recipe_to_toml(recipe)})
 
-    # Data first: a missing file or column fails here, before minutes of model loading.
+    # Data, then model: a missing file, column or model fails here, and leaves nothing behind.
     splits = data_stage.load_splits(recipe.data, recipe.prompt)
-
     loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train)
     train_ds, stats = data_stage.build_examples(
         splits["train"], loaded.tokenizer, recipe.data, recipe.prompt, recipe.train, loaded.is_encoder_decoder
@@ -51,6 +51,7 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
         eval_ds, _ = data_stage.build_examples(
             splits["eval"], loaded.tokenizer, recipe.data, recipe.prompt, recipe.train, loaded.is_encoder_decoder
         )
+    run_dir = create_run_dir(recipe, loaded.device)
     model_stage.attach_lora(loaded, recipe.lora, recipe.train)
     trainable, total = loaded.model.get_nb_trainable_parameters()
     steps = train_stage.planned_steps(recipe.train, stats.rows)
@@ -61,7 +62,7 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
             "device": loaded.device,
             "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."),
             "kind": "encoder-decoder (Seq2SeqTrainer)" if loaded.is_encoder_decoder else "decoder-only (SFTTrainer)",
-            "optimizer": train_stage.pick_optimizer(recipe.train, loaded.device),
+            "optimizer": optimizer,
             "trainable_params": trainable,
             "total_params": total,
             "data": stats,
@@ -71,7 +72,6 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
             "tokens_per_step": stats.tokens_total / stats.rows * effective_batch,
         },
     )
-    write_env(run_dir, loaded.device)
 
     result = train_stage.train(
         loaded, train_ds, eval_ds, recipe.train, run_dir, resume=resume,
@@ -81,29 +81,36 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
     return RunResult(run_dir, result, stats, trainable, total, time.monotonic() - started)
 
 
-def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
-    """Create <output.dir>/<name>; never overwrite one. With resume, it must exist and match the recipe."""
+def check_run_dir(recipe: Recipe, resume: bool) -> None:
+    """Never overwrite a run. With resume, the run must exist, have a checkpoint, and match the recipe."""
     run_dir = recipe.run_dir
     saved = run_dir / "recipe.toml"
-    if resume:
-        if not saved.is_file():
-            raise UserError(f"--resume: no run at {run_dir} (no recipe.toml there); run without --resume to start it")
-        if train_stage.last_checkpoint(run_dir) is None:
-            raise UserError(f"--resume: {run_dir} has no checkpoint yet; remove it or pick a new name to start over")
-        before = load_recipe(saved)
-        changed = [s for s in FROZEN_ON_RESUME if getattr(before, s) != getattr(recipe, s)]
-        if changed:
+    if not resume:
+        if run_dir.exists():
             raise UserError(
-                f"--resume: the recipe's [{'], ['.join(changed)}] differ from the run in {run_dir}; "
-                f"a checkpoint only continues the same model, data and adapter. Use a new name to start over"
+                f"run directory {run_dir} already exists; continue it with --resume, or choose a new name "
+                f"(--set name=NEW_NAME or --set output.dir=DIR)"
             )
-    elif run_dir.exists():
+        return
+    if not saved.is_file():
+        raise UserError(f"--resume: no run at {run_dir} (no recipe.toml there); run without --resume to start it")
+    if train_stage.last_checkpoint(run_dir) is None:
+        raise UserError(f"--resume: {run_dir} has no checkpoint yet; remove it or pick a new name to start over")
+    before = load_recipe(saved)
+    changed = [s for s in FROZEN_ON_RESUME if getattr(before, s) != getattr(recipe, s)]
+    if changed:
         raise UserError(
-            f"run directory {run_dir} already exists; continue it with --resume, or choose a new name "
-            f"(--set name=NEW_NAME or --set output.dir=DIR)"
+            f"--resume: the recipe's [{'], ['.join(changed)}] differ from the run in {run_dir}; "
+            f"a checkpoint only continues the same model, data and adapter. Use a new name to start over"
         )
+
+
+def create_run_dir(recipe: Recipe, device: str) -> Path:
+    """<output.dir>/<name> with the resolved recipe and the environment (checked free by check_run_dir)."""
+    run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(recipe_to_toml(recipe))
+    (run_dir / "recipe.toml").write_text(recipe_to_toml(recipe))
+    write_env(run_dir, device)
     return run_dir
 
 

@@ -104,6 +104,19 @@ def test_existing_run_directory_is_refused(tmp_path, tiny_llama, tiny_data):
     assert (recipe.run_dir / "mine.txt").read_text() == "keep me"
 
 
+def test_failed_run_leaves_nothing_behind(tmp_path, tiny_llama, tiny_data):
+    recipe = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=["data.target_column=abstract"])
+    with pytest.raises(UserError, match="'abstract'"):
+        run(recipe)
+    assert not recipe.run_dir.exists()  # a fixed recipe can run under the same name
+
+
+def test_cuda_only_optimizer_refused_on_cpu_before_loading(tmp_path, tiny_data):
+    recipe = make_recipe(tmp_path, tmp_path / "never-loaded", tiny_data, overrides=["train.optimizer=paged_adamw_8bit"])
+    with pytest.raises(UserError, match="train.optimizer"):
+        run(recipe)
+
+
 def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_llama, tiny_data):
     first = make_recipe(tmp_path, tiny_llama, tiny_data)
     run(first)
