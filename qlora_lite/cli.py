@@ -68,7 +68,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe value, e.g. --set train.max_steps=30 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue an existing run from its last checkpoint")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("plan", help="predict peak GPU memory from the recipe and the model config (no weights)")
+    p.add_argument("recipe", help="path to a TOML recipe")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (memory in GiB)")
+    p.set_defaults(func=cmd_plan)
     return parser
+
+
+def cmd_plan(args) -> int:
+    """Exit 0 when the recipe fits its budget (or has none), 3 when it does not."""
+    import json
+
+    from qlora_lite import memory
+    from qlora_lite.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    config = memory.load_model_config(recipe.model)
+    plan = memory.plan_memory(recipe, config)
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        console.print(plan_table(plan, recipe.name))
+        if plan.fits is False:
+            fitted = memory.fit_to_budget(recipe, config)
+            advice = f"cheapest change that fits: {fitted[1]}" if fitted else "no batch or checkpointing change fits"
+            console.print(f"[bold red]does not fit[/] the {plan.budget_gib:g} GiB budget; {advice}")
+    return 3 if plan.fits is False else 0
+
+
+def plan_table(plan, name: str) -> Table:
+    table = Table(title=f"memory plan: {name} (peak in the {plan.phase} phase)", title_justify="left")
+    table.add_column("component")
+    table.add_column("GiB", justify="right")
+    for component, gib in plan.components.items():
+        table.add_row(component.replace("_", " "), f"{gib:.3f}")
+    table.add_row("[bold]peak on the device[/]", f"[bold]{plan.peak_gib:.3f}[/]")
+    table.add_row("peak allocated (torch)", f"{plan.peak_allocated_gib:.3f}")
+    table.add_row("training / evaluation peak", f"{plan.train_peak_gib:.3f} / {plan.eval_peak_gib:.3f}")
+    table.add_row("parameters", f"{plan.trainable_params:,} trainable of {plan.total_params:,}")
+    if plan.budget_gib is not None:
+        verdict = "[green]fits[/]" if plan.fits else "[red]does not fit[/]"
+        table.add_row("budget", f"{plan.budget_gib:g} GiB: {verdict}, headroom {plan.budget_gib - plan.peak_gib:+.2f}")
+    return table
 
 
 def cmd_run(args) -> int:
@@ -113,6 +157,18 @@ class TrainingView:
         console.rule(f"run directory {p['run_dir']}")
         console.print(Syntax(p["toml"], "toml", theme="ansi_dark", background_color="default"))
 
+    def on_plan(self, plan):
+        console.print(plan_table(plan, "predicted for a CUDA GPU"))
+
+    def on_auto_fit(self, change):
+        console.print(f"[yellow]auto_fit[/]: {change}")
+
+    def on_budget_exceeded(self, p):
+        self.progress.console.print(
+            f"[bold red]memory budget crossed[/] at step {p['step']}: {p['used_gib']:.2f} GiB > "
+            f"{p['budget_gib']:g} GiB ({'stopping' if p['action'] == 'stop' else 'warning only'})"
+        )
+
     def on_setup(self, p):
         stats = p["data"]
         table = Table(title="setup", show_header=False, title_justify="left")
@@ -133,6 +189,8 @@ class TrainingView:
             f"{p['steps']} steps x effective batch {p['effective_batch']} = {p['epochs']:.2f} epochs, "
             f"~{p['tokens_per_step']:,.0f} tokens per step",
         )
+        for note in p["not_measured"]:
+            table.add_row("not measured", note)
         console.print(table)
 
     def on_progress(self, p):

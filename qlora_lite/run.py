@@ -1,4 +1,4 @@
-"""The whole job, in order: recipe → run directory → data → model → LoRA → train → adapter.
+"""The whole job, in order: recipe → memory plan → data → model → LoRA → train (watched) → adapter.
 
 `run` is the one place that calls every stage; read it top to bottom. It prints nothing: it reports what it
 decided and measured through `notify(event, payload)`, which the CLI renders.
@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Callable
 
 from qlora_lite import data as data_stage
+from qlora_lite import memory, monitor
 from qlora_lite import model as model_stage
 from qlora_lite import train as train_stage
-from qlora_lite.errors import UserError
+from qlora_lite.errors import BudgetError, UserError
 from qlora_lite.recipe import SECTIONS, Recipe, load_recipe, recipe_to_toml
 
 # Sections whose change makes a checkpoint meaningless: resuming with them changed is refused.
@@ -31,14 +32,20 @@ class RunResult:
     data_stats: data_stage.DataStats
     trainable_params: int
     total_params: int
+    plan: memory.MemoryPlan
     seconds: float
 
 
 def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object], None] = lambda e, p: None):
     started = time.monotonic()
     check_run_dir(recipe, resume)  # refuse at once, before minutes of loading
-    optimizer = train_stage.pick_optimizer(recipe.train, model_stage.pick_device(recipe.train))
+    device = model_stage.pick_device(recipe.train)
+    optimizer = train_stage.pick_optimizer(recipe.train, device)
+
+    # Plan memory from the config alone; refuse, or re-fit, a recipe that cannot fit its budget.
+    recipe, plan = plan_within_budget(recipe, notify)
     notify("recipe", {"run_dir": recipe.run_dir, "toml": recipe_to_toml(recipe)})
+    notify("plan", plan)
 
     # Data, then model: a missing file, column or model fails here, and leaves nothing behind.
     splits = data_stage.load_splits(recipe.data, recipe.prompt)
@@ -56,6 +63,7 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
     trainable, total = loaded.model.get_nb_trainable_parameters()
     steps = train_stage.planned_steps(recipe.train, stats.rows)
     effective_batch = recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps
+    probe = monitor.open_probe(loaded.device)
     notify(
         "setup",
         {
@@ -70,15 +78,51 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
             "steps": steps,
             "epochs": steps * effective_batch / stats.rows,
             "tokens_per_step": stats.tokens_total / stats.rows * effective_batch,
+            "not_measured": probe.missing,
         },
     )
 
-    result = train_stage.train(
-        loaded, train_ds, eval_ds, recipe.train, run_dir, resume=resume,
-        on_progress=lambda row: notify("progress", row),
+    # Train, watching memory; a crossed budget stops with a checkpoint and the adapter saved.
+    watcher = monitor.MemoryMonitor(
+        run_dir / "memory.jsonl", probe, plan.budget_gib, recipe.budget.on_exceed, notify
     )
+    try:
+        result = train_stage.train(
+            loaded, train_ds, eval_ds, recipe.train, run_dir, resume=resume,
+            on_progress=lambda row: notify("progress", row), callbacks=[watcher],
+        )
+    finally:
+        monitor.write_memory_report(run_dir, plan, plan.budget_gib, probe.missing)
     notify("trained", result)
-    return RunResult(run_dir, result, stats, trainable, total, time.monotonic() - started)
+    if watcher.exceeded and recipe.budget.on_exceed == "stop":
+        used = monitor.footprint_gib(watcher.exceeded)
+        raise BudgetError(
+            f"memory budget crossed at step {watcher.exceeded['step']}: {used:.2f} GiB > {plan.budget_gib:g} GiB. "
+            f"Adapter saved to {result.adapter_dir} and a checkpoint to {train_stage.last_checkpoint(run_dir)}; "
+            f"lower train.micro_batch_size or train.max_length and continue with --resume"
+        )
+    return RunResult(run_dir, result, stats, trainable, total, plan, time.monotonic() - started)
+
+
+def plan_within_budget(recipe: Recipe, notify) -> tuple[Recipe, memory.MemoryPlan]:
+    """The memory plan; with a budget it cannot meet, the auto-fitted recipe or a BudgetError with the fix."""
+    config = memory.load_model_config(recipe.model)
+    plan = memory.plan_memory(recipe, config)
+    if plan.fits is not False:
+        return recipe, plan
+    fitted = memory.fit_to_budget(recipe, config)
+    over = f"predicted peak {plan.peak_gib:.2f} GiB ({plan.phase}) exceeds the budget of {plan.budget_gib:g} GiB"
+    if fitted is None:
+        raise BudgetError(
+            f"{over}, and no smaller micro-batch, checkpointing or eval batch fits. Use a smaller model, "
+            f"a shorter train.max_length, a smaller lora.r, or a larger GPU (see: python -m qlora_lite plan)"
+        )
+    new_recipe, change = fitted
+    if not recipe.budget.auto_fit:
+        raise BudgetError(f"{over}. The cheapest change that fits: {change}. Set it in the recipe, or set "
+                          f"[budget] auto_fit = true to apply it automatically")
+    notify("auto_fit", change)
+    return new_recipe, memory.plan_memory(new_recipe, config)
 
 
 def check_run_dir(recipe: Recipe, resume: bool) -> None:

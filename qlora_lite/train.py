@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
-from qlora_lite.errors import UserError
+from qlora_lite.errors import BudgetError, UserError
 from qlora_lite.model import LoadedModel
 from qlora_lite.recipe import TrainRecipe
 
@@ -167,11 +167,21 @@ def train(
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the progress hook replaces it
     checkpoint = last_checkpoint(run_dir) if resume else None
     started = time.monotonic()
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    seconds = time.monotonic() - started
     adapter_dir = run_dir / "adapter"
-    loaded.model.save_pretrained(adapter_dir)
-    loaded.tokenizer.save_pretrained(adapter_dir)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        save_adapter(loaded, adapter_dir)
+        last = last_checkpoint(run_dir)
+        raise BudgetError(
+            f"CUDA out of memory at step {trainer.state.global_step}; adapter saved to {adapter_dir}"
+            + (f", last checkpoint {last.name}" if last else "")
+            + ". Lower train.micro_batch_size (raise gradient_accumulation_steps to keep the effective batch) "
+            "or train.max_length, then continue with --resume"
+        ) from None
+    seconds = time.monotonic() - started
+    save_adapter(loaded, adapter_dir)
     losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r and r.get("event") != "end"]
     tokens = trainer.state.num_input_tokens_seen
     return TrainResult(
@@ -182,6 +192,11 @@ def train(
         tokens_per_s=tokens / seconds if seconds else 0.0,
         adapter_dir=adapter_dir,
     )
+
+
+def save_adapter(loaded: LoadedModel, adapter_dir: Path) -> None:
+    loaded.model.save_pretrained(adapter_dir)
+    loaded.tokenizer.save_pretrained(adapter_dir)
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:

@@ -1,0 +1,114 @@
+"""Budgets in a run: refusal before any weights load, auto-fit, a budget crossed mid-run, the report files,
+and the memory callback on a machine without NVML or a GPU."""
+
+import json
+
+import pytest
+
+from qlora_lite import memory, monitor
+from qlora_lite import model as model_stage
+from qlora_lite.cli import main
+from qlora_lite.errors import BudgetError
+from qlora_lite.run import run
+from qlora_lite.train import last_checkpoint, read_metrics, train
+from test_train import make_recipe, train_directly
+
+
+def test_impossible_budget_is_refused_before_loading_weights(tmp_path, tiny_llama, tiny_data, monkeypatch):
+    recipe = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=["budget.gpu_memory_gib=0.5"])
+    monkeypatch.setattr(model_stage, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(BudgetError) as e:
+        run(recipe)
+    message = str(e.value)
+    assert "exceeds the budget of 0.5 GiB" in message and "predicted peak" in message
+    assert not recipe.run_dir.exists()
+
+
+def test_cli_refusal_exits_3(tmp_path, tiny_llama, tiny_data, capsys):
+    recipe = make_recipe(tmp_path, tiny_llama, tiny_data)
+    path = tmp_path / "t.toml"
+    assert main(["run", str(path), "--set", "budget.gpu_memory_gib=0.5"]) == 3
+    assert "budget" in capsys.readouterr().err
+    assert not recipe.run_dir.exists()
+
+
+def test_plan_command_json(tmp_path, tiny_llama, tiny_data, capsys):
+    make_recipe(tmp_path, tiny_llama, tiny_data)
+    assert main(["plan", str(tmp_path / "t.toml"), "--json", "--set", "budget.gpu=rtx-3060-12gb"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["budget_gib"] == 12 and plan["fits"] is True
+    assert abs(sum(plan["components"].values()) - plan["peak_gib"]) < 1e-6
+
+
+def test_auto_fit_shrinks_the_micro_batch_and_keeps_the_effective_batch(tmp_path, tiny_llama, tiny_data):
+    big = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=["train.max_steps=2"])
+    config = memory.load_model_config(big.model)
+    small = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=[
+        "train.max_steps=2", "train.micro_batch_size=1", "train.gradient_accumulation_steps=8"])
+    peak_big, peak_small = (memory.plan_memory(r, config).peak_gib for r in (big, small))
+    assert peak_small < peak_big
+    budget = (peak_big + peak_small) / 2
+    recipe = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=[
+        "train.max_steps=2", f"budget.gpu_memory_gib={budget}", "budget.auto_fit=true"])
+    events = {}
+    result = run(recipe, notify=lambda e, p: events.setdefault(e, p))
+    assert "micro_batch_size 8 →" in events["auto_fit"]
+    saved = (result.run_dir / "recipe.toml").read_text()
+    train_saved = [line for line in saved.splitlines() if line.startswith(("micro_batch", "gradient_acc"))]
+    micro, accum = (int(line.split("=")[1]) for line in train_saved)
+    assert micro < 8 and micro * accum == 8
+    assert result.plan.fits
+
+
+def test_budget_crossed_mid_run_stops_with_adapter_and_checkpoint(tmp_path, tiny_llama, tiny_data, monkeypatch):
+    """A fake measurement says the process used 3 GiB from step 4 on: the run stops there, resumable."""
+    calls = []
+
+    def fake_sample(probe):
+        calls.append(1)
+        return {"process_used_gib": 3.0 if len(calls) > 4 else 0.9}
+
+    monkeypatch.setattr(monitor, "sample", fake_sample)
+    recipe = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=["budget.gpu_memory_gib=2.0"])
+    with pytest.raises(BudgetError) as e:
+        run(recipe)
+    assert "budget crossed at step 4" in str(e.value) and "--resume" in str(e.value)
+    d = recipe.run_dir
+    assert (d / "adapter" / "adapter_model.safetensors").is_file()
+    assert last_checkpoint(d).name == "checkpoint-4"
+    report = json.loads((d / "memory_report.json").read_text())
+    assert report["measured"]["process_peak_gib"] == 3.0 and report["budget_gib"] == 2.0
+    assert report["headroom_gib"] == pytest.approx(-1.0)
+    steps = [r["step"] for r in read_metrics(d) if "loss" in r and r.get("event") != "end"]
+    assert steps[-1] == 4
+
+
+def test_warn_keeps_training(tmp_path, tiny_llama, tiny_data):
+    recipe = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=["train.max_steps=4"])
+    loaded, ds = train_directly(recipe)
+    events = []
+    watcher = monitor.MemoryMonitor(recipe.run_dir / "memory.jsonl", monitor.Probe("cpu"), 1.0, "warn",
+                                    notify=lambda e, p: events.append(e), measure=lambda p: {"process_used_gib": 5.0})
+    result = train(loaded, ds, None, recipe.train, recipe.run_dir, callbacks=[watcher])
+    assert result.steps == 4 and events == ["budget_exceeded"]  # warned once, did not stop
+
+
+def test_monitor_without_nvml_or_gpu_records_rss_and_says_what_is_missing(tmp_path, tiny_llama, tiny_data):
+    probe = monitor.open_probe("cuda")  # no NVML library here
+    assert any("NVML" in note for note in probe.missing)
+    cpu = monitor.open_probe("cpu")
+    assert cpu.missing and "CPU" in cpu.missing[0]
+    row = monitor.sample(cpu)
+    assert row["rss_gib"] > 0 and "cuda_allocated_gib" not in row
+
+    recipe = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=["train.max_steps=3"])
+    result = run(recipe)
+    d = result.run_dir
+    rows = monitor.read_samples(d)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and all(r["rss_gib"] > 0 for r in rows)
+    report = json.loads((d / "memory_report.json").read_text())
+    assert report["peak_source"] == "predicted" and report["missing"] == cpu.missing
+    assert report["predicted"]["peak_gib"] == pytest.approx(result.plan.peak_gib)
+    assert (d / "memory_timeline.png").stat().st_size > 1000
+    md = (d / "memory_report.md").read_text()
+    assert "not measured" in md and "memory_timeline.png" in md
