@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]: continue from the last checkpoint with --resume")
@@ -69,6 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an existing run from its last checkpoint")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("eval", help="base vs fine-tuned on held-out data (ROUGE; BLEU and forgetting where asked)")
+    p.add_argument("run_dir", help="a run directory, e.g. runs/quickstart")
+    p.add_argument("--split", choices=["test", "eval"], default=None, help="held-out split (default: eval.split)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("merge", help="merge the adapter into a full-precision copy of the base and verify it")
+    p.add_argument("run_dir", help="a run directory, e.g. runs/quickstart")
+    p.add_argument("--out", required=True, help="folder for the merged model (refused if not empty)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--base", choices=["dequantized", "original"], default="dequantized",
+                   help="dequantized: into the NF4-rounded base the adapter trained against; original: untouched")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out (other files are kept)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("report", help="write report.md (recipe, loss curve, ROUGE chart, memory, samples)")
+    p.add_argument("run_dir", help="a run directory, e.g. runs/quickstart")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("plan", help="predict peak GPU memory from the recipe and the model config (no weights)")
     p.add_argument("recipe", help="path to a TOML recipe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -76,6 +94,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object (memory in GiB)")
     p.set_defaults(func=cmd_plan)
     return parser
+
+
+def cmd_eval(args) -> int:
+    from qlora_lite.evaluate import evaluate_run, load_run
+
+    recipe, loaded = load_run(args.run_dir)
+    with console.status(f"generating with the base and the tuned model on the {args.split or recipe.eval.split} split"):
+        result = evaluate_run(loaded, recipe, args.run_dir, split=args.split)
+    console.print(eval_table(result))
+    console.print(f"wrote {result.eval_json} and {result.samples_md}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    """Exit 4 when the merged model does not reproduce its reference's logits (the files are kept to inspect)."""
+    from qlora_lite.export import merge_run
+
+    with console.status(f"merging into the {args.base} base ({args.dtype})"):
+        result = merge_run(args.run_dir, args.out, dtype=args.dtype, base=args.base, force=args.force)
+    render_merge(result)
+    return 0 if result.check.passed else 4
+
+
+def cmd_report(args) -> int:
+    from qlora_lite.report import write_report
+
+    console.print(f"wrote {write_report(args.run_dir)}")
+    return 0
+
+
+def eval_table(result) -> Table:
+    table = Table(title=f"{result.split} split, {result.n} examples, greedy, max_new_tokens {result.max_new_tokens}",
+                  title_justify="left")
+    for col in ("metric", "base", "tuned", "change"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for metric, base in result.base.items():
+        tuned = result.tuned[metric]
+        colour = "green" if tuned > base else "red"
+        table.add_row(metric, f"{100 * base:.2f}", f"{100 * tuned:.2f}", f"[{colour}]{100 * (tuned - base):+.2f}[/]")
+    f = result.forgetting
+    if f is not None:
+        table.add_row("forgetting: perplexity", f"{f.base_perplexity:.2f}", f"{f.tuned_perplexity:.2f}",
+                      f"{f.perplexity_change_pct:+.1f}%")
+    return table
+
+
+def render_merge(result) -> None:
+    check = result.check
+    verdict = "[green]matches[/]" if check.passed else "[bold red]DOES NOT match[/]"
+    console.print(
+        f"merged ({result.base} base, {result.dtype}) into [bold]{result.out_dir}[/]: {verdict} {check.reference}: "
+        f"max |diff| {check.max_abs_diff:.2e} = {check.relative_diff:.2e} of the logit scale "
+        f"(tolerance {check.tolerance:g}); details in merge_check.json"
+    )
 
 
 def cmd_plan(args) -> int:
@@ -123,9 +195,10 @@ def cmd_run(args) -> int:
     with TrainingView() as view:
         result = run(recipe, resume=args.resume, notify=view.notify)
     console.print(
-        f"[bold green]done[/] in {result.seconds:.0f} s: adapter saved to [bold]{result.train.adapter_dir}[/]"
+        f"[bold green]done[/] in {result.seconds:.0f} s: adapter saved to [bold]{result.train.adapter_dir}[/], "
+        f"report in {result.report}"
     )
-    return 0
+    return 0 if result.merged is None or result.merged.check.passed else 4
 
 
 class TrainingView:
@@ -168,6 +241,18 @@ class TrainingView:
             f"[bold red]memory budget crossed[/] at step {p['step']}: {p['used_gib']:.2f} GiB > "
             f"{p['budget_gib']:g} GiB ({'stopping' if p['action'] == 'stop' else 'warning only'})"
         )
+
+    def on_evaluating(self, p):
+        console.print("evaluating base vs tuned (greedy generation)...")
+
+    def on_evaluated(self, result):
+        console.print(eval_table(result))
+
+    def on_merging(self, p):
+        console.print(f"merging the adapter into the {p['base']} base ({p['dtype']})...")
+
+    def on_merged(self, result):
+        render_merge(result)
 
     def on_setup(self, p):
         stats = p["data"]

@@ -7,6 +7,7 @@ for a trainer. What stays in which dtype is decided here, and the memory planner
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -55,6 +56,13 @@ def pick_compute_dtype(quant: QuantizationRecipe, device: str, is_encoder_decode
     if torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32 if is_encoder_decoder else torch.float16
+
+
+def autocast(device: str, dtype: torch.dtype):
+    """Mixed precision as the Trainer runs it. Needed outside training too: fp32 norms feed bf16/fp16 layers."""
+    if device == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
 
 
 def cache_dir() -> Path:

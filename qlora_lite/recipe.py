@@ -122,8 +122,8 @@ class EvalRecipe:
     max_new_tokens: int = _opt(128, lo=1, doc="generation length cap (always explicit)")
     batch_size: int = _opt(8, lo=1, doc="prompts generated at once (its own memory peak)")
     max_samples: int | None = _opt(None, lo=1, doc="evaluate on the first N examples")
-    metrics: list[str] = _opt(("rouge",), doc='"rouge" and optionally "bleu"')
-    forgetting: str | None = _opt(None, doc="text file or dataset to measure forgetting on")
+    metrics: list[Literal["rouge", "bleu"]] = _opt(("rouge",), doc='ROUGE always; add "bleu" for sacrebleu BLEU')
+    forgetting: str | None = _opt(None, doc="a .txt/.jsonl (column text) file or dataset id: loss before/after")
 
 
 @dataclass(frozen=True)
@@ -211,6 +211,7 @@ def recipe_from_dict(raw: dict, overrides=(), base_dir: Path = Path("."), source
         raise RecipeError(problems, source=source)
     sections["data"] = _resolve_data_paths(sections["data"], base_dir)
     sections["model"] = _resolve_model_path(sections["model"], base_dir)
+    sections["eval"] = _resolve_forgetting_path(sections["eval"], base_dir)
     return Recipe(name=name, **sections)
 
 
@@ -284,9 +285,13 @@ def _check_type(value, hint) -> str | None:
         return f"expected {' or '.join(_describe(a) for a in options)}, got {_tname(value)} {value!r}"
     if origin is list:
         (item,) = typing.get_args(hint)
-        if isinstance(value, list) and all(_check_type(v, item) is None for v in value):
-            return None
-        return f"expected a list of {_describe(item)}s, got {value!r}"
+        if not isinstance(value, list):
+            return f"expected {_describe(hint)}, got {_tname(value)} {value!r}"
+        for v in value:
+            problem = _check_type(v, item)
+            if problem:
+                return f"list item {v!r}: {problem}"
+        return None
     ok = {
         bool: lambda v: isinstance(v, bool),
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -297,8 +302,13 @@ def _check_type(value, hint) -> str | None:
 
 
 def _describe(hint) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(hint))
     if typing.get_origin(hint) is list:
-        return f"a list of {_describe(typing.get_args(hint)[0])}s"
+        (item,) = typing.get_args(hint)
+        if typing.get_origin(item) is Literal:
+            return "a list of values from " + ", ".join(repr(c) for c in typing.get_args(item))
+        return f"a list of {_describe(item).removeprefix('an ').removeprefix('a ')}s"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
@@ -362,6 +372,12 @@ def _resolve_data_paths(data: DataRecipe, base_dir: Path) -> DataRecipe:
     if data.source is not None and (base_dir / data.source).is_dir():
         changes["source"] = str((base_dir / data.source).resolve())
     return dataclasses.replace(data, **changes)
+
+
+def _resolve_forgetting_path(ev: EvalRecipe, base_dir: Path) -> EvalRecipe:
+    if ev.forgetting is not None and (base_dir / ev.forgetting).exists():
+        return dataclasses.replace(ev, forgetting=str((base_dir / ev.forgetting).resolve()))
+    return ev
 
 
 def _resolve_model_path(model: ModelRecipe, base_dir: Path) -> ModelRecipe:

@@ -1,4 +1,5 @@
-"""The whole job, in order: recipe → memory plan → data → model → LoRA → train (watched) → adapter.
+"""The whole job, in order: recipe → memory plan → data → model → LoRA → train (watched) → evaluate → merge →
+report.
 
 `run` is the one place that calls every stage; read it top to bottom. It prints nothing: it reports what it
 decided and measured through `notify(event, payload)`, which the CLI renders.
@@ -6,6 +7,7 @@ decided and measured through `notify(event, payload)`, which the CLI renders.
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import time
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from qlora_lite import data as data_stage
-from qlora_lite import memory, monitor
+from qlora_lite import evaluate, export, memory, monitor, report
 from qlora_lite import model as model_stage
 from qlora_lite import train as train_stage
 from qlora_lite.errors import BudgetError, UserError
@@ -33,6 +35,9 @@ class RunResult:
     trainable_params: int
     total_params: int
     plan: memory.MemoryPlan
+    evaluation: evaluate.EvalResult | None
+    merged: export.MergeResult | None
+    report: Path
     seconds: float
 
 
@@ -101,7 +106,23 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
             f"Adapter saved to {result.adapter_dir} and a checkpoint to {train_stage.last_checkpoint(run_dir)}; "
             f"lower train.micro_batch_size or train.max_length and continue with --resume"
         )
-    return RunResult(run_dir, result, stats, trainable, total, plan, time.monotonic() - started)
+
+    # Base vs tuned on held-out data, then the merged export, then the report of it all.
+    evaluation = None
+    if recipe.eval.enabled:
+        notify("evaluating", {"max_samples": recipe.eval.max_samples})
+        evaluation = evaluate.evaluate_run(loaded, recipe, run_dir)
+        notify("evaluated", evaluation)
+    merged = None
+    if recipe.export.merge:
+        del loaded  # the 4-bit model is not needed while the full-precision copy is merged
+        gc.collect()
+        notify("merging", {"dtype": recipe.export.dtype, "base": recipe.export.base})
+        merged = export.merge_run(run_dir, run_dir / "merged", dtype=recipe.export.dtype, base=recipe.export.base)
+        notify("merged", merged)
+    report_path = report.write_report(run_dir)
+    return RunResult(run_dir, result, stats, trainable, total, plan, evaluation, merged, report_path,
+                     time.monotonic() - started)
 
 
 def plan_within_budget(recipe: Recipe, notify) -> tuple[Recipe, memory.MemoryPlan]:

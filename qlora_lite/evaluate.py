@@ -1,0 +1,375 @@
+"""Stage 5: base vs tuned on the held-out split, and optionally how much general language modelling was lost.
+
+Inputs: a loaded PEFT model (the one just trained, or `load_run(run_dir)`), its recipe and run directory.
+Outputs: an `EvalResult`, run_dir/eval.json and run_dir/samples.md. The base model is the same PEFT model inside
+`disable_adapter()`, so both go through one `generate` call with identical prompt tokens (data.encode_prompt,
+as in training) and settings: greedy, KV cache on, an explicit max_new_tokens, stop at EOS.
+
+ROUGE is rouge-score with stemming and a plain mean over examples (no bootstrap), as fractions 0..1. rougeLsum
+scores the longest common subsequence sentence by sentence, and rouge-score only sees sentences at newlines:
+without a split it equals rougeL. Both texts are therefore put one sentence per line first (`split_sentences`:
+a break after . ! or ? followed by whitespace, and at existing newlines); eval.json also keeps the unsplit value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from qlora_lite import data as data_stage
+from qlora_lite import model as model_stage
+from qlora_lite.errors import BudgetError, UserError
+from qlora_lite.recipe import Recipe, load_recipe
+
+log = logging.getLogger(__name__)
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\s*\n\s*")
+SENTENCE_SPLIT_NOTE = (
+    "rougeLsum scored with one sentence per line: texts split after . ! ? followed by whitespace, and at newlines"
+)
+FORGETTING_CHUNKS = 16  # text windows scored per model: seconds, not an epoch
+FORGETTING_CHUNK_TOKENS = 512  # at most; train.max_length when shorter
+
+
+@dataclass(frozen=True)
+class Forgetting:
+    source: str
+    chunks: int
+    tokens: int  # tokens scored per model
+    base_loss: float  # mean token cross-entropy, nats
+    tuned_loss: float
+    base_perplexity: float
+    tuned_perplexity: float
+    loss_change: float  # tuned - base: above 0 means the adapter lost some general modelling
+    perplexity_change_pct: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    split: str
+    n: int
+    base: dict[str, float]
+    tuned: dict[str, float]
+    seconds: float
+    max_new_tokens: int
+    batch_size: int
+    forgetting: Forgetting | None
+    eval_json: Path
+    samples_md: Path
+
+
+# ---------------------------------------------------------------- loading a finished run
+
+
+def load_run(run_dir: str | Path) -> tuple[Recipe, model_stage.LoadedModel]:
+    """The run's recipe and its model as trained: 4-bit base (per recipe.toml) with the saved adapter on top."""
+    from peft import PeftModel
+
+    run_dir = Path(run_dir)
+    adapter_dir = run_dir / "adapter"
+    recipe = read_run(run_dir)
+    loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train)
+    loaded.tokenizer = model_stage.load_tokenizer(str(adapter_dir), recipe.model.trust_remote_code)
+    loaded.model = PeftModel.from_pretrained(loaded.model, adapter_dir)
+    return recipe, loaded
+
+
+def read_run(run_dir: Path) -> Recipe:
+    """The recipe of a run that has saved its adapter; a clear error for anything else."""
+    if not (run_dir / "recipe.toml").is_file():
+        raise UserError(f"{run_dir} is not a run directory (no recipe.toml); give <output.dir>/<name> of a run")
+    if not (run_dir / "adapter" / "adapter_config.json").is_file():
+        raise UserError(
+            f"{run_dir} has no adapter yet ({run_dir / 'adapter'}); finish the run, or continue it with --resume"
+        )
+    return load_recipe(run_dir / "recipe.toml")
+
+
+def held_out_rows(recipe: Recipe, split: str | None = None) -> tuple[str, list[dict]]:
+    """("test" or "eval", its first eval.max_samples non-empty rows); "test" falls back to "eval" when unset."""
+    split = split or recipe.eval.split
+    if split == "test" and recipe.data.test is None:
+        split = "eval"
+    if getattr(recipe.data, split) is None:
+        raise UserError("evaluation needs a held-out split: set data.test or data.eval in the recipe")
+    rows = data_stage.load_splits(recipe.data, recipe.prompt)[split]
+    columns = (recipe.data.input_column, recipe.data.target_column)
+    kept = [row for row in rows if all(str(row[c] or "").strip() for c in columns)]
+    return split, kept[: recipe.eval.max_samples]
+
+
+# ---------------------------------------------------------------- generation
+
+
+def generate(model, tokenizer, prompts: list[list[int]], *, is_encoder_decoder: bool, max_new_tokens: int,
+             batch_size: int) -> list[str]:
+    """Greedy continuations of token-id prompts, decoded without special tokens and stripped, in input order.
+
+    Prompts are batched longest first (a memory problem shows in the first batch) and padded here: on the left
+    for decoder-only models, so every row's last prompt token is where generation starts.
+    """
+    device = next(model.parameters()).device
+    pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    texts = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        ids, mask = pad_batch([prompts[i] for i in chosen], pad_id, left=not is_encoder_decoder)
+        try:
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                    do_sample=False, num_beams=1, use_cache=True,  # the training config turned the cache off
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
+                    # Plain greedy, whatever the model's generation_config asks (Qwen2.5's asks for 1.05).
+                    repetition_penalty=1.0, no_repeat_ngram_size=0,
+                )
+        except torch.OutOfMemoryError:
+            free_accelerator_memory(device)
+            raise BudgetError(
+                f"out of memory generating {len(chosen)} prompts of up to {ids.shape[1]} tokens + {max_new_tokens} "
+                f"new tokens (the KV cache grows with both); lower eval.batch_size (now {batch_size}) or "
+                f"eval.max_new_tokens"
+            ) from None
+        new = out[:, 1:] if is_encoder_decoder else out[:, ids.shape[1] :]  # drop decoder start / the prompt
+        for i, text in zip(chosen, tokenizer.batch_decode(new, skip_special_tokens=True)):
+            texts[i] = text.strip()
+        del out, new
+    free_accelerator_memory(device)
+    return texts
+
+
+def pad_batch(rows: list[list[int]], pad_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        where = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, where] = torch.tensor(row, dtype=torch.long)
+        mask[i, where] = 1
+    return ids, mask
+
+
+def free_accelerator_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def split_sentences(text: str) -> str:
+    """One sentence per line, for rougeLsum (see the module docstring)."""
+    return "\n".join(s for s in SENTENCE_BREAK.split(text.strip()) if s)
+
+
+def rouge_scores(predictions: list[str], references: list[str], *, sentence_split: bool = True) -> dict[str, float]:
+    """Mean F-measure of rouge1, rouge2, rougeL and rougeLsum (fractions 0..1), stemmed, no bootstrap."""
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError(f"need as many predictions as references, at least one: {len(predictions)}, {len(references)}")
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    prepare = split_sentences if sentence_split else str
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for prediction, reference in zip(predictions, references):
+        scores = scorer.score(target=prepare(reference), prediction=prepare(prediction))
+        for key in ROUGE_TYPES:
+            totals[key] += scores[key].fmeasure
+    return {key: total / len(predictions) for key, total in totals.items()}
+
+
+def bleu_score(predictions: list[str], references: list[str]) -> float:
+    """Corpus BLEU (sacrebleu defaults: 13a tokenizer, one reference per example) as a fraction 0..1."""
+    import sacrebleu
+
+    return sacrebleu.corpus_bleu(predictions, [references]).score / 100
+
+
+def score(predictions: list[str], references: list[str], metrics) -> dict[str, float]:
+    scores = rouge_scores(predictions, references)
+    if "bleu" in metrics:
+        scores["bleu"] = bleu_score(predictions, references)
+    return scores
+
+
+# ---------------------------------------------------------------- base vs tuned
+
+
+def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str | Path, *,
+                 split: str | None = None) -> EvalResult:
+    """Generate with the base (adapter disabled) and the tuned model, score both, write eval.json and samples.md.
+
+    `loaded.model` must be a PEFT model; it is left in eval mode.
+    """
+    started = time.monotonic()
+    run_dir = Path(run_dir)
+    split, rows = held_out_rows(recipe, split)
+    prompts = encode_prompts(rows, recipe, loaded.tokenizer, loaded.is_encoder_decoder)
+    references = [str(row[recipe.data.target_column]).strip() for row in rows]
+    model = loaded.model
+    model.eval()
+    gc.collect()  # a finished trainer's optimizer state, before generation's own memory peak
+    free_accelerator_memory(next(model.parameters()).device)
+    texts, seconds = {}, {}
+    log.info("generating for %d %s examples, base then tuned", len(rows), split)
+    amp = model_stage.autocast(loaded.device, loaded.compute_dtype)
+    for which in ("base", "tuned"):
+        begun = time.monotonic()
+        with model.disable_adapter() if which == "base" else contextlib.nullcontext(), amp:
+            texts[which] = generate(model, loaded.tokenizer, prompts, is_encoder_decoder=loaded.is_encoder_decoder,
+                                    max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size)
+        seconds[which] = time.monotonic() - begun
+    forgetting = None
+    if recipe.eval.forgetting:
+        with amp:
+            forgetting = measure_forgetting(
+                model, loaded.tokenizer, recipe.eval.forgetting, is_encoder_decoder=loaded.is_encoder_decoder,
+                chunk_tokens=min(recipe.train.max_length, FORGETTING_CHUNK_TOKENS), batch_size=recipe.eval.batch_size,
+            )
+    seconds["total"] = time.monotonic() - started
+    report = {
+        "base": score(texts["base"], references, recipe.eval.metrics),
+        "tuned": score(texts["tuned"], references, recipe.eval.metrics),
+        "n": len(rows),
+        "split": split,
+        "generation": {
+            "max_new_tokens": recipe.eval.max_new_tokens, "batch_size": recipe.eval.batch_size, "do_sample": False,
+            "num_beams": 1, "repetition_penalty": 1.0, "use_cache": True, "stop": "eos",
+            "prompt_max_tokens": max(len(p) for p in prompts),
+        },
+        "rouge": {"package": f"rouge-score {metadata.version('rouge-score')}", "use_stemmer": True,
+                  "aggregate": "mean", "sentence_split": SENTENCE_SPLIT_NOTE},
+        "rougeLsum_without_sentence_split": {
+            which: rouge_scores(texts[which], references, sentence_split=False)["rougeLsum"] for which in texts
+        },
+        "seconds": seconds,
+        "forgetting": asdict(forgetting) if forgetting else None,
+    }
+    (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_samples(run_dir / "samples.md", split, rows, recipe, references, texts)
+    return EvalResult(
+        split=split, n=len(rows), base=report["base"], tuned=report["tuned"], seconds=seconds["total"],
+        max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size, forgetting=forgetting,
+        eval_json=run_dir / "eval.json", samples_md=run_dir / "samples.md",
+    )
+
+
+def encode_prompts(rows: list[dict], recipe: Recipe, tokenizer, is_encoder_decoder: bool) -> list[list[int]]:
+    """The prompt tokens training used, cut to leave room for max_new_tokens within train.max_length."""
+    if not rows:
+        raise UserError("the held-out split has no rows with both input and target text")
+    if is_encoder_decoder:
+        limit, encoder = recipe.train.max_source_length, True
+    else:
+        limit, encoder = recipe.train.max_length - recipe.eval.max_new_tokens, False
+        if limit < 1:
+            raise UserError(
+                f"eval.max_new_tokens = {recipe.eval.max_new_tokens} leaves no room for the prompt within "
+                f"train.max_length = {recipe.train.max_length}; lower eval.max_new_tokens"
+            )
+    return [
+        data_stage.encode_prompt(row, recipe.prompt, tokenizer, recipe.data.input_column, limit, encoder=encoder)[0]
+        for row in rows
+    ]
+
+
+def write_samples(path: Path, split: str, rows, recipe: Recipe, references, texts: dict[str, list[str]]) -> None:
+    lines = [f"# Samples: base vs tuned ({split} split, {len(rows)} examples)", ""]
+    for i, (row, reference, base, tuned) in enumerate(zip(rows, references, texts["base"], texts["tuned"]), 1):
+        lines += [
+            f"## Example {i}", "", f"**{recipe.data.input_column.capitalize()}**", "", "```text",
+            str(row[recipe.data.input_column]).strip(), "```", "",
+            f"**Reference:** {reference}", "",
+            f"**Base:** {base or '(empty)'}", "",
+            f"**Tuned:** {tuned or '(empty)'}", "",
+        ]
+    path.write_text("\n".join(lines))
+
+
+# ---------------------------------------------------------------- forgetting
+
+
+def measure_forgetting(model, tokenizer, source: str, *, is_encoder_decoder: bool, chunk_tokens: int,
+                       batch_size: int) -> Forgetting:
+    """Mean token loss and perplexity of base and tuned on general text, in at most FORGETTING_CHUNKS windows.
+
+    Decoder-only models predict every token of a window; encoder-decoder models read its first half and predict
+    the second (their natural objective: continuation given context).
+    """
+    chunks = text_chunks(forgetting_texts(source), tokenizer, chunk_tokens, FORGETTING_CHUNKS)
+    with model.disable_adapter():
+        base, tokens = mean_token_loss(model, chunks, is_encoder_decoder, batch_size)
+    tuned, _ = mean_token_loss(model, chunks, is_encoder_decoder, batch_size)
+    return Forgetting(
+        source=source, chunks=len(chunks), tokens=tokens, base_loss=base, tuned_loss=tuned,
+        base_perplexity=math.exp(base), tuned_perplexity=math.exp(tuned), loss_change=tuned - base,
+        perplexity_change_pct=100 * (math.exp(tuned - base) - 1),
+    )
+
+
+def forgetting_texts(source: str) -> list[str]:
+    """A .txt file (one text), a .jsonl/.json file with a "text" column, or a dataset id/folder with one."""
+    path = Path(source)
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise UserError(f"eval.forgetting: file {source} not found")
+        return [path.read_text(encoding="utf-8")]
+    from datasets import load_dataset
+
+    try:
+        if path.suffix in (".jsonl", ".json"):
+            rows = load_dataset("json", data_files=str(path), split="train")
+        else:
+            splits = load_dataset(source)
+            rows = splits[next((s for s in ("test", "validation", "train") if s in splits), list(splits)[0])]
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"eval.forgetting = {source!r}: {str(e).splitlines()[0]}") from None
+    if "text" not in rows.column_names:
+        raise UserError(f"eval.forgetting = {source!r}: no \"text\" column; its columns are {rows.column_names}")
+    return [t for t in rows["text"] if t and t.strip()]
+
+
+def text_chunks(texts: list[str], tokenizer, length: int, most: int) -> list[list[int]]:
+    """Up to `most` windows of exactly `length` tokens (one shorter window when the text is short)."""
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= length * most:
+            break
+    if len(ids) < 4:
+        raise UserError("eval.forgetting: the text has fewer than 4 tokens")
+    if len(ids) < length:
+        return [ids]
+    return [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)][:most]
+
+
+def mean_token_loss(model, chunks: list[list[int]], is_encoder_decoder: bool, batch_size: int) -> tuple[float, int]:
+    """(mean cross-entropy per predicted token, tokens predicted); only one batch's logits exist at a time."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(chunks), batch_size):
+        ids = torch.tensor(chunks[start : start + batch_size], device=device)
+        with torch.no_grad():
+            if is_encoder_decoder:
+                half = ids.shape[1] // 2
+                loss = model(input_ids=ids[:, :half], labels=ids[:, half:].contiguous()).loss
+                predicted = ids[:, half:].numel()
+            else:
+                loss = model(input_ids=ids, labels=ids).loss
+                predicted = ids[:, 1:].numel()  # the first token has nothing to be predicted from
+        total += loss.item() * predicted
+        count += predicted
+    free_accelerator_memory(device)
+    return total / count, count

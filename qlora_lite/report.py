@@ -1,0 +1,166 @@
+"""Stage 7: render a finished run directory as report.md with two charts. It reads files, it probes nothing.
+
+Inputs: run_dir/recipe.toml, metrics.jsonl, eval.json, samples.md, memory_report.json (each optional but the
+recipe). Outputs: report.md, loss.png (training loss per step) and rouge.png (base vs tuned). A missing piece
+becomes one line saying so, never an error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qlora_lite.errors import UserError
+from qlora_lite.recipe import Recipe, load_recipe
+
+SAMPLES_SHOWN = 3
+METRICS_SHOWN = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu")
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write run_dir/report.md (and its PNGs); returns its path."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.toml").is_file():
+        raise UserError(f"{run_dir} is not a run directory (no recipe.toml); give <output.dir>/<name> of a run")
+    recipe = load_recipe(run_dir / "recipe.toml")
+    lines = [f"# Run report: {recipe.name}", "", "## Recipe", "", "| | |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in recipe_summary(recipe)]
+    lines += ["", "## Training", "", *training_section(run_dir), "", "## Evaluation", "", *evaluation_section(run_dir)]
+    lines += ["", "## Memory", "", *memory_section(run_dir), "", "## Samples", "", *samples_section(run_dir), ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def recipe_summary(recipe: Recipe) -> list[tuple[str, str]]:
+    """(what, value) rows describing a run's recipe; the report and the model card show them."""
+    q, lora, train, data = recipe.quantization, recipe.lora, recipe.train, recipe.data
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
+    length = (f"decoder-only: {train.max_length} tokens; encoder-decoder: source {train.max_source_length}, "
+              f"target {train.max_target_length}")
+    schedule = f"{train.max_steps} steps" if train.max_steps is not None else f"{train.epochs or 1.0} epochs"
+    splits = ", ".join(f"{s}: {Path(v).name if '/' in v else v}" for s in ("train", "eval", "test")
+                       if (v := getattr(data, s)) is not None)
+    return [
+        ("base model", f"`{recipe.model.name}`" + (f" ({recipe.model.gguf_file})" if recipe.model.gguf_file else "")),
+        ("quantization", f"4-bit {q.quant_type}, double quant {'on' if q.double_quant else 'off'}, compute "
+                         f"{q.compute_dtype}" if q.load_in_4bit
+                         else f"none (16/32-bit LoRA, compute {q.compute_dtype})"),
+        ("LoRA", f"r {lora.r}, alpha {lora.alpha:g}, dropout {lora.dropout:g}, targets {targets}"),
+        ("training", f"{schedule}, micro-batch {train.micro_batch_size} x {train.gradient_accumulation_steps} "
+                     f"accumulation, lr {train.learning_rate:g} {train.lr_scheduler}, seed {train.seed}"),
+        ("lengths", length),
+        ("data", f"{data.source + ': ' if data.source else ''}{splits}; {data.input_column} -> {data.target_column}"),
+        ("prompt", "`" + recipe.prompt.template.replace("\n", "\\n").replace("|", "\\|") + "`"
+                   + (" in the chat template" if recipe.prompt.chat_template else "")),
+    ]
+
+
+def metrics_table(report: dict) -> list[str]:
+    """Markdown rows of eval.json's base and tuned metrics, in percent."""
+    keys = [k for k in METRICS_SHOWN if k in report.get("tuned", {})]
+    lines = [f"{report.get('n', '?')} examples of the {report.get('split', '?')} split.", "",
+             "| | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for model in ("base", "tuned"):
+        lines.append(f"| {model} | " + " | ".join(f"{100 * report[model][k]:.2f}" for k in keys) + " |")
+    return lines
+
+
+# ---------------------------------------------------------------- sections
+
+
+def training_section(run_dir: Path) -> list[str]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return ["No metrics.jsonl: training has not logged a step."]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # A resumed run logs some steps again: the later line wins.
+    steps = sorted({r["step"]: r["loss"] for r in rows if "loss" in r and r.get("event") != "end"}.items())
+    if not steps:
+        return ["metrics.jsonl has no training loss yet."]
+    evals = sorted({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}.items())
+    plot_lines(run_dir / "loss.png", {"train loss": steps, **({"eval loss": evals} if evals else {})},
+               xlabel="step", ylabel="loss")
+    return [f"Loss {steps[0][1]:.4f} at step {steps[0][0]}, {steps[-1][1]:.4f} at step {steps[-1][0]}.", "",
+            "![training loss](loss.png)"]
+
+
+def evaluation_section(run_dir: Path) -> list[str]:
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        return ["No eval.json: the run has not been evaluated (`python -m qlora_lite eval RUN_DIR`)."]
+    report = json.loads(path.read_text())
+    keys = [k for k in METRICS_SHOWN if k in report.get("tuned", {})]
+    plot_bars(run_dir / "rouge.png", keys, {m: [100 * report[m][k] for k in keys] for m in ("base", "tuned")})
+    lines = metrics_table(report) + ["", "![base vs tuned](rouge.png)"]
+    generation = report.get("generation")
+    if generation:
+        lines += ["", "Generation: " + ", ".join(f"{k} {v}" for k, v in generation.items()) + "."]
+    if report.get("forgetting"):
+        f = report["forgetting"]
+        lines += ["", f"Forgetting on `{f['source']}` ({f['tokens']} tokens): loss {f['base_loss']:.4f} -> "
+                      f"{f['tuned_loss']:.4f}, perplexity {f['base_perplexity']:.2f} -> {f['tuned_perplexity']:.2f} "
+                      f"({f['perplexity_change_pct']:+.1f}%)."]
+    return lines
+
+
+def memory_section(run_dir: Path) -> list[str]:
+    path = run_dir / "memory_report.json"
+    if not path.is_file():
+        return ["No memory_report.json in the run directory."]
+    memory = json.loads(path.read_text())
+    found = [f"{label} {memory[key]:.2f} GiB" for key, label in (("peak_gib", "peak"), ("budget_gib", "budget"))
+             if isinstance(memory.get(key), (int, float))]
+    return [", ".join(found) + "." if found else "memory_report.json has no peak_gib or budget_gib."]
+
+
+def samples_section(run_dir: Path) -> list[str]:
+    path = run_dir / "samples.md"
+    if not path.is_file():
+        return ["No samples.md: the run has not been evaluated."]
+    examples = path.read_text().split("\n## ")[1 : SAMPLES_SHOWN + 1]
+    if not examples:
+        return ["samples.md has no examples."]
+    return [f"The first {len(examples)} (all in samples.md).", ""] + [
+        "### " + example.strip() + "\n" for example in examples
+    ]
+
+
+# ---------------------------------------------------------------- charts
+
+
+def plot_lines(path: Path, series: dict[str, list[tuple[float, float]]], *, xlabel: str, ylabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, points in series.items():
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="." if len(points) < 50 else None, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_bars(path: Path, keys: list[str], groups: dict[str, list[float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.8 / len(groups)
+    for i, (label, values) in enumerate(groups.items()):
+        ax.bar([k + (i - (len(groups) - 1) / 2) * width for k in range(len(keys))], values, width, label=label)
+    ax.set_xticks(range(len(keys)), keys)
+    ax.set_ylabel("score (%)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

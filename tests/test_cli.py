@@ -1,0 +1,36 @@
+"""The whole job through the command line: run with evaluation and merge, then eval, merge and report on it."""
+
+import json
+
+from conftest import recipe_text
+from qlora_lite.cli import main
+
+
+def test_run_evaluates_merges_and_reports_then_subcommands_work(tmp_path, tiny_llama, tiny_data, capsys):
+    path = tmp_path / "r.toml"
+    path.write_text(recipe_text(tiny_llama, tiny_data, tmp_path / "runs", name="full",
+                                eval="max_samples = 4\nmax_new_tokens = 8\nbatch_size = 2\nmetrics = [\"rouge\", \"bleu\"]",
+                                export='merge = true\ndtype = "fp32"').replace("enabled = false", "enabled = true"))
+    assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "rougeL" in out and "matches" in out
+    d = tmp_path / "runs" / "full"
+    result = json.loads((d / "eval.json").read_text())
+    assert result["n"] == 4 and set(result["base"]) >= {"rouge1", "rouge2", "rougeL", "rougeLsum", "bleu"}
+    assert all(0 <= v <= 1 for v in result["tuned"].values())
+    assert json.loads((d / "merged" / "merge_check.json").read_text())["passed"] is True
+    assert (d / "report.md").is_file() and (d / "memory_report.md").is_file()
+
+    assert main(["eval", str(d), "--split", "eval"]) == 0
+    assert json.loads((d / "eval.json").read_text())["split"] == "eval"
+    out_dir = tmp_path / "export"
+    assert main(["merge", str(d), "--out", str(out_dir), "--dtype", "fp32", "--base", "original"]) == 0
+    assert main(["merge", str(d), "--out", str(out_dir)]) == 2  # not empty, no --force
+    assert "--force" in capsys.readouterr().err
+    assert main(["report", str(d)]) == 0
+
+
+def test_eval_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["eval", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not a run directory" in err and "Traceback" not in err

@@ -1,0 +1,199 @@
+"""Evaluation: ROUGE on strings checked by hand, batched greedy generation equal to one-at-a-time generation,
+base vs tuned on a trained tiny adapter, and the files evaluation writes."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from conftest import make_rows, recipe_text
+from qlora_lite import data as data_stage
+from qlora_lite import model as model_stage
+from qlora_lite.errors import UserError
+from qlora_lite.evaluate import (
+    bleu_score, evaluate_run, forgetting_texts, generate, load_run, pad_batch, rouge_scores, split_sentences,
+    text_chunks,
+)
+from qlora_lite.recipe import load_recipe, recipe_to_toml
+from qlora_lite.train import train
+
+EVAL_SETTINGS = ["eval.max_new_tokens=24", "eval.batch_size=4", "eval.max_samples=6"]
+
+
+def make_run(tmp_path, model_dir, data_dir, *, steps=12, overrides=(), **extra):
+    """A finished run directory as `run` leaves it (recipe.toml, metrics.jsonl, adapter/), trained for a few
+    steps on the 4-bit tiny model; returns (recipe, loaded model still in memory)."""
+    path = tmp_path / "r.toml"
+    path.write_text(recipe_text(model_dir, data_dir, tmp_path / "runs", name="r", **extra))
+    recipe = load_recipe(path, [*EVAL_SETTINGS, f"train.max_steps={steps}", "train.gradient_checkpointing=false",
+                                "train.save_steps=1000", *overrides])
+    recipe.run_dir.mkdir(parents=True)
+    (recipe.run_dir / "recipe.toml").write_text(recipe_to_toml(recipe))
+    loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train)
+    rows = data_stage.load_splits(recipe.data, recipe.prompt)["train"]
+    examples, _ = data_stage.build_examples(rows, loaded.tokenizer, recipe.data, recipe.prompt, recipe.train,
+                                            loaded.is_encoder_decoder)
+    model_stage.attach_lora(loaded, recipe.lora, recipe.train)
+    train(loaded, examples, None, recipe.train, recipe.run_dir)
+    return recipe, loaded
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_rouge_identical_is_one_and_disjoint_is_zero():
+    same = rouge_scores(["Ana brings the cake."], ["Ana brings the cake."])
+    assert same == pytest.approx(dict(rouge1=1.0, rouge2=1.0, rougeL=1.0, rougeLsum=1.0))
+    assert set(rouge_scores(["red green"], ["blue yellow"]).values()) == {0.0}
+
+
+def test_rouge_partial_case_by_hand():
+    # unigrams: the, cat shared of 3 each -> P = R = F = 2/3; bigrams: "the cat" of 2 each -> 1/2; LCS 2 -> 2/3.
+    # A second pair with identical texts: every mean is (partial + 1) / 2.
+    got = rouge_scores(["the cat sat", "dogs run"], ["the cat ran", "dogs run"])
+    assert got == pytest.approx(dict(rouge1=(2 / 3 + 1) / 2, rouge2=(1 / 2 + 1) / 2, rougeL=(2 / 3 + 1) / 2,
+                                     rougeLsum=(2 / 3 + 1) / 2))
+
+
+def test_rouge_uses_the_stemmer():
+    assert rouge_scores(["she brings cakes"], ["she bring cake"])["rouge1"] == pytest.approx(1.0)
+
+
+def test_rougelsum_scores_sentence_by_sentence():
+    prediction, reference = "Ana brings cake. Ben drives home.", "Ben drives home. Ana brings cake."
+    assert split_sentences(prediction) == "Ana brings cake.\nBen drives home."
+    split = rouge_scores([prediction], [reference])
+    assert split["rougeL"] == pytest.approx(0.5)  # one LCS over the whole text: half of it in order
+    assert split["rougeLsum"] == pytest.approx(1.0)  # each reference sentence found whole
+    assert rouge_scores([prediction], [reference], sentence_split=False)["rougeLsum"] == pytest.approx(0.5)
+
+
+def test_bleu_is_a_fraction():
+    assert bleu_score(["the cat sat on the mat today"], ["the cat sat on the mat today"]) == pytest.approx(1.0)
+    assert bleu_score(["red green blue"], ["one two three four"]) == 0.0
+
+
+# ---------------------------------------------------------------- generation
+
+
+def briefly_trained(model_dir, seq2seq: bool):
+    """The fp32 tiny model after 30 full fine-tuning steps: random tiny models repeat one token whatever the
+    prompt, so batching mistakes would not show; this one's greedy output depends on the prompt."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    tokenizer = model_stage.load_tokenizer(str(model_dir))
+    torch.manual_seed(0)
+    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(model_dir, dtype=torch.float32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    rows = make_rows(64, seed=1)
+    for step in range(30):
+        batch = rows[step * 16 % 64 :][:16]
+        if seq2seq:
+            prompts = [tokenizer(r["dialogue"])["input_ids"] for r in batch]
+            ids, mask = pad_batch(prompts, tokenizer.pad_token_id, left=False)
+            labels, _ = pad_batch([tokenizer(r["summary"])["input_ids"] for r in batch], -100, left=False)
+        else:
+            eos = [tokenizer.eos_token_id]
+            texts = [tokenizer(r["dialogue"] + "\n" + r["summary"])["input_ids"] + eos for r in batch]
+            ids, mask = pad_batch(texts, tokenizer.pad_token_id, left=False)
+            labels = ids.masked_fill(mask == 0, -100)
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_t5"])
+def test_batched_generation_equals_one_at_a_time(model_fixture, request):
+    seq2seq = model_fixture == "tiny_t5"
+    model, tokenizer = briefly_trained(request.getfixturevalue(model_fixture), seq2seq)
+    rows = make_rows(7, seed=5)
+    # Prompts of different lengths, so batches need padding (left for Llama, right for T5's encoder).
+    prompts = [tokenizer(r["dialogue"] + ("" if seq2seq else "\n"))["input_ids"] for r in rows]
+    prompts = [p[: len(p) - 2 * i] for i, p in enumerate(prompts)]
+    settings = dict(is_encoder_decoder=seq2seq, max_new_tokens=16)
+    one = generate(model, tokenizer, prompts, batch_size=1, **settings)
+    batched = generate(model, tokenizer, prompts, batch_size=3, **settings)
+    assert batched == one
+    assert len(set(one)) > 1 and all(one)  # the outputs depend on the prompt: the comparison means something
+    # Greedy from the model's own generate, one prompt at a time, decoding only the new tokens.
+    ids = torch.tensor([prompts[0]])
+    out = model.generate(input_ids=ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    new = out[0, 1:] if seq2seq else out[0, ids.shape[1] :]
+    assert one[0] == tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def test_pad_batch_pads_on_the_requested_side():
+    ids, mask = pad_batch([[5, 6, 7], [8]], 0, left=True)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_batch([[5, 6, 7], [8]], 0, left=False)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+# ---------------------------------------------------------------- base vs tuned
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_t5"])
+def test_evaluate_run_compares_base_and_tuned_and_writes_its_files(model_fixture, request, tmp_path, tiny_data):
+    forgetting = tmp_path / "general.txt"
+    forgetting.write_text(" ".join(r["dialogue"] for r in make_rows(40, seed=9)))
+    recipe, loaded = make_run(tmp_path, request.getfixturevalue(model_fixture), tiny_data,
+                              overrides=[f'eval.forgetting="{forgetting}"', 'eval.metrics=["rouge", "bleu"]'])
+    result = evaluate_run(loaded, recipe, recipe.run_dir)
+
+    report = json.loads((recipe.run_dir / "eval.json").read_text())
+    rouge = {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    assert set(report["base"]) == set(report["tuned"]) == rouge | {"bleu"}
+    assert report["n"] == result.n == 6 and report["split"] == result.split == "test"
+    assert report["generation"]["max_new_tokens"] == 24 and report["generation"]["do_sample"] is False
+    assert "sentence" in report["rouge"]["sentence_split"]
+    assert report["base"] != report["tuned"]  # twelve steps moved the adapter's outputs
+    assert report["tuned"]["rouge1"] > report["base"]["rouge1"]
+    assert all(0.0 <= v <= 1.0 for v in [*report["base"].values(), *report["tuned"].values()])
+    assert result.base == report["base"] and result.tuned == report["tuned"]
+
+    f = report["forgetting"]
+    assert f["chunks"] >= 1 and f["tokens"] > 0 and f["base_loss"] > 0 and f["tuned_loss"] > 0
+    assert f["base_loss"] != f["tuned_loss"]
+    assert f["loss_change"] == pytest.approx(f["tuned_loss"] - f["base_loss"])
+
+    samples = (recipe.run_dir / "samples.md").read_text()
+    assert samples.count("## Example ") == 6
+    first_test_row = json.loads((tiny_data / "test.jsonl").read_text().splitlines()[0])
+    assert first_test_row["summary"] in samples and first_test_row["dialogue"] in samples
+    tuned = re.findall(r"\*\*Tuned:\*\* (.*)", samples)
+    base = re.findall(r"\*\*Base:\*\* (.*)", samples)
+    assert len(tuned) == len(base) == 6 and tuned != base
+
+
+def test_load_run_reproduces_the_in_memory_evaluation(tmp_path, tiny_llama, tiny_data):
+    recipe, loaded = make_run(tmp_path, tiny_llama, tiny_data, steps=6)
+    in_memory = evaluate_run(loaded, recipe, recipe.run_dir)
+    reloaded_recipe, reloaded = load_run(recipe.run_dir)
+    assert reloaded_recipe == recipe
+    again = evaluate_run(reloaded, reloaded_recipe, recipe.run_dir, split="eval")
+    assert again.split == "eval" and again.n == 6
+    assert evaluate_run(reloaded, reloaded_recipe, recipe.run_dir).tuned == pytest.approx(in_memory.tuned)
+
+
+def test_load_run_refuses_a_folder_without_an_adapter(tmp_path):
+    (tmp_path / "recipe.toml").write_text("")
+    with pytest.raises(UserError, match="no adapter"):
+        load_run(tmp_path)
+    with pytest.raises(UserError, match="not a run directory"):
+        load_run(tmp_path / "missing")
+
+
+def test_forgetting_reads_text_and_jsonl_and_chunks_evenly(tmp_path, tiny_llama):
+    (tmp_path / "a.txt").write_text("Ana brings the cake to the park.")
+    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n{"text": ""}\n{"text": "two"}\n')
+    (tmp_path / "c.jsonl").write_text('{"body": "one"}\n')
+    assert forgetting_texts(str(tmp_path / "a.txt")) == ["Ana brings the cake to the park."]
+    assert forgetting_texts(str(tmp_path / "b.jsonl")) == ["one", "two"]
+    with pytest.raises(UserError, match='no "text" column'):
+        forgetting_texts(str(tmp_path / "c.jsonl"))
+    tokenizer = model_stage.load_tokenizer(str(tiny_llama))
+    chunks = text_chunks(["Ana brings the cake to the park at noon. " * 20], tokenizer, 16, most=3)
+    assert [len(c) for c in chunks] == [16, 16, 16]
+    assert len(text_chunks(["Ana brings the cake."], tokenizer, 64, most=3)) == 1
