@@ -63,9 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="train (and evaluate, export) as the recipe says")
-    p.add_argument("recipe", help="path to a TOML recipe, e.g. recipes/quickstart.toml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a recipe value, e.g. --set train.max_steps=30 (repeatable)")
+    add_recipe_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue an existing run from its last checkpoint")
     p.set_defaults(func=cmd_run)
 
@@ -88,12 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("plan", help="predict peak GPU memory from the recipe and the model config (no weights)")
-    p.add_argument("recipe", help="path to a TOML recipe")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a recipe value (repeatable)")
+    add_recipe_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (memory in GiB)")
     p.set_defaults(func=cmd_plan)
     return parser
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="path to a TOML recipe, e.g. recipes/quickstart.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value, e.g. --set train.max_steps=30 (repeatable)")
 
 
 def cmd_eval(args) -> int:

@@ -8,6 +8,7 @@ for a trainer. What stays in which dtype is decided here, and the memory planner
 from __future__ import annotations
 
 import contextlib
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -103,8 +104,9 @@ def _convert_gguf(gguf_path: Path) -> Path:
         return target
     log.info("converting %s to safetensors in %s (once)", gguf_path.name, target)
     folder, file = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):  # transformers' own tqdm bar
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     model.hf_quantizer = None  # else save_pretrained refuses: "quantized with gguf and is not serializable"
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
