@@ -88,7 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="predict peak GPU memory from the recipe and the model config (no weights)")
     add_recipe_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (memory in GiB)")
+    p.add_argument("--method", default=None, metavar="METHODS",
+                   help="plan for these methods instead of [method] kind: qlora, lora, full, prompt_tuning, "
+                        "comma-separated, or all (side by side)")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("compare", help="train the recipe with several methods and compare memory, speed, ROUGE")
+    add_recipe_arguments(p)
+    p.add_argument("--methods", default="all", help="comma-separated from qlora, lora, full, prompt_tuning (default all)")
+    p.add_argument("--resume", action="store_true", help="continue a comparison: finished methods are kept")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
@@ -161,6 +170,10 @@ def cmd_plan(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     config = memory.load_model_config(recipe.model)
+    if args.method is not None:
+        from qlora_lite.compare import parse_methods
+
+        return plan_methods(recipe, config, parse_methods(args.method), args.json)
     plan = memory.plan_memory(recipe, config)
     if args.json:
         print(json.dumps(plan.to_json(), indent=2))
@@ -171,6 +184,67 @@ def cmd_plan(args) -> int:
             advice = f"cheapest change that fits: {fitted[1]}" if fitted else "no batch or checkpointing change fits"
             console.print(f"[bold red]does not fit[/] the {plan.budget_gib:g} GiB budget; {advice}")
     return 3 if plan.fits is False else 0
+
+
+def plan_methods(recipe, config, methods: list[str], as_json: bool) -> int:
+    """One plan per method (one method: the usual table); exit 3 when none of them fits."""
+    import dataclasses
+    import json
+
+    from qlora_lite import memory
+
+    plans = {}
+    for kind in methods:
+        quant = dataclasses.replace(recipe.quantization, load_in_4bit=True) if kind == "qlora" else recipe.quantization
+        variant = dataclasses.replace(recipe, method=dataclasses.replace(recipe.method, kind=kind), quantization=quant)
+        plans[kind] = memory.plan_memory(variant, config)
+    if as_json:
+        print(json.dumps({"methods": {k: p.to_json() for k, p in plans.items()}}, indent=2))
+    elif len(plans) == 1:
+        console.print(plan_table(plans[methods[0]], f"{recipe.name} ({methods[0]})"))
+    else:
+        console.print(methods_plan_table(plans, recipe.name))
+    return 0 if any(p.fits is not False for p in plans.values()) else 3
+
+
+def methods_plan_table(plans: dict, name: str) -> Table:
+    table = Table(title=f"memory plan by method: {name} (GiB, peak phase of each)", title_justify="left")
+    table.add_column("component")
+    for kind in plans:
+        table.add_column(kind, justify="right")
+    components = list(dict.fromkeys(c for p in plans.values() for c in p.components))
+    for component in components:
+        table.add_row(component.replace("_", " "), *(f"{p.components.get(component, 0.0):.3f}" for p in plans.values()))
+    table.add_row("[bold]peak on the device[/]", *(f"[bold]{p.peak_gib:.3f}[/]" for p in plans.values()))
+    table.add_row("trainable parameters",
+                  *(f"{p.trainable_params:,} ({100 * p.trainable_params / p.total_params:.2f}%)" for p in plans.values()))
+    budgets = {p.budget_gib for p in plans.values()}
+    if budgets != {None}:
+        table.add_row(f"fits {budgets.pop():g} GiB?",
+                      *("[green]yes[/]" if p.fits else "[red]no[/]" for p in plans.values()))
+    return table
+
+
+def cmd_compare(args) -> int:
+    from qlora_lite.compare import compare, compare_dir, parse_methods, table_rows
+    from qlora_lite.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    methods = parse_methods(args.methods)
+    with TrainingView() as view:
+        result = compare(recipe, methods, resume=args.resume, notify=view.notify)
+    header, rows = table_rows(result["methods"])
+    table = Table(title=f"methods compared: {recipe.name}", title_justify="left")  # a column per method: fits 80
+    table.add_column("")
+    for row in rows:
+        table.add_column(row[0], justify="right")
+    for i, what in enumerate(header[1:], 1):
+        table.add_row(what, *(row[i] for row in rows))
+    console.print(table)
+    for kind, reason in result["refused"].items():
+        console.print(f"[yellow]{kind} did not run[/]: {reason}")
+    console.print(f"comparison.json, comparison.md and comparison.png in [bold]{compare_dir(recipe)}[/]")
+    return 0 if result["methods"] else 3
 
 
 def plan_table(plan, name: str) -> Table:
@@ -197,7 +271,7 @@ def cmd_run(args) -> int:
     with TrainingView() as view:
         result = run(recipe, resume=args.resume, notify=view.notify)
     console.print(
-        f"[bold green]done[/] in {result.seconds:.0f} s: adapter saved to [bold]{result.train.adapter_dir}[/], "
+        f"[bold green]done[/] in {result.seconds:.0f} s: trained weights saved to [bold]{result.train.saved_dir}[/], "
         f"report in {result.report}"
     )
     return 0 if result.merged is None or result.merged.check.passed else 4
@@ -256,10 +330,14 @@ class TrainingView:
     def on_merged(self, result):
         render_merge(result)
 
+    def on_merge_skipped(self, reason):
+        console.print(f"[yellow]merge skipped[/]: {reason}")
+
     def on_setup(self, p):
         stats = p["data"]
         table = Table(title="setup", show_header=False, title_justify="left")
         table.add_row("model", f"{p['kind']} on {p['device']}, compute {p['compute_dtype']}, optimizer {p['optimizer']}")
+        table.add_row("method", p["method"])
         table.add_row(
             "parameters",
             f"{p['trainable_params']:,} trainable of {p['total_params']:,} "
@@ -291,8 +369,20 @@ class TrainingView:
             )
         self.progress.update(self.task, **fields)
 
+    def on_method(self, p):
+        console.rule(f"[bold]method {p['method']}[/] (learning rate {p['learning_rate']:g})")
+
+    def on_method_skipped(self, p):
+        console.print(f"method {p['method']}: finished earlier in {p['run_dir']}, kept")
+
+    def on_method_refused(self, p):
+        console.print(f"[yellow]method {p['method']} did not run[/]: {p['reason']}")
+
     def on_trained(self, result):
         self.progress.stop()
+        if self.task is not None:  # compare trains several times: a fresh bar for the next one
+            self.progress.remove_task(self.task)
+            self.task = None
         table = Table(title="training", title_justify="left")
         for col in ("steps", "first loss", "last loss", "time", "tokens/s"):
             table.add_column(col, justify="right")

@@ -1,9 +1,10 @@
 """Stage 5: base vs tuned on the held-out split, and optionally how much general language modelling was lost.
 
-Inputs: a loaded PEFT model (the one just trained, or `load_run(run_dir)`), its recipe and run directory.
+Inputs: a loaded model (the one just trained, or `load_run(run_dir)`), its recipe and run directory.
 Outputs: an `EvalResult`, run_dir/eval.json and run_dir/samples.md. The base model is the same PEFT model inside
-`disable_adapter()`, so both go through one `generate` call with identical prompt tokens (data.encode_prompt,
-as in training) and settings: greedy, KV cache on, an explicit max_new_tokens, stop at EOS.
+`disable_adapter()` (for full fine-tuning, which changed the weights themselves, the base is loaded again), so
+both go through one `generate` call with identical prompt tokens (data.encode_prompt, as in training) and
+settings: greedy, KV cache on, an explicit max_new_tokens, stop at EOS.
 
 ROUGE is rouge-score with stemming and a plain mean over examples (no bootstrap), as fractions 0..1. rougeLsum
 scores the longest common subsequence sentence by sentence, and rouge-score only sees sentences at newlines:
@@ -14,6 +15,7 @@ a break after . ! or ? followed by whitespace, and at existing newlines); eval.j
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -73,27 +75,49 @@ class EvalResult:
 
 
 def load_run(run_dir: str | Path) -> tuple[Recipe, model_stage.LoadedModel]:
-    """The run's recipe and its model as trained: 4-bit base (per recipe.toml) with the saved adapter on top."""
+    """The run's recipe and its model as trained: the base loaded as training loaded it (4-bit for qlora) with
+    the saved adapter on top, or the fully fine-tuned model from run_dir/model."""
     from peft import PeftModel
 
     run_dir = Path(run_dir)
-    adapter_dir = run_dir / "adapter"
     recipe = read_run(run_dir)
-    loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train)
+    if not recipe.has_adapter:
+        model = dataclasses.replace(recipe.model, name=str(run_dir / "model"), gguf_file=None)
+        return recipe, model_stage.load_model(model, recipe.quantization, recipe.train, recipe.method)
+    adapter_dir = run_dir / "adapter"
+    loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train, recipe.method)
     loaded.tokenizer = model_stage.load_tokenizer(str(adapter_dir), recipe.model.trust_remote_code)
     loaded.model = PeftModel.from_pretrained(loaded.model, adapter_dir)
     return recipe, loaded
 
 
 def read_run(run_dir: Path) -> Recipe:
-    """The recipe of a run that has saved its adapter; a clear error for anything else."""
+    """The recipe of a run that has saved what it trained; a clear error for anything else."""
     if not (run_dir / "recipe.toml").is_file():
         raise UserError(f"{run_dir} is not a run directory (no recipe.toml); give <output.dir>/<name> of a run")
-    if not (run_dir / "adapter" / "adapter_config.json").is_file():
-        raise UserError(
-            f"{run_dir} has no adapter yet ({run_dir / 'adapter'}); finish the run, or continue it with --resume"
-        )
+    saved = (run_dir / "adapter" / "adapter_config.json", run_dir / "model" / "config.json")
+    if not any(path.is_file() for path in saved):
+        raise UserError(f"{run_dir} has no trained weights yet (no adapter/ or model/); finish the run, "
+                        f"or continue it with --resume")
     return load_recipe(run_dir / "recipe.toml")
+
+
+@contextlib.contextmanager
+def base_model(loaded: model_stage.LoadedModel, recipe: Recipe):
+    """The model before training: the adapter switched off, or for full fine-tuning the base loaded again
+    (unquantized, in the compute dtype) and freed afterwards."""
+    if hasattr(loaded.model, "disable_adapter"):
+        with loaded.model.disable_adapter():
+            yield loaded.model
+        return
+    unquantized = dataclasses.replace(recipe.method, kind="lora")
+    holder = [model_stage.load_model(recipe.model, recipe.quantization, recipe.train, unquantized).model.eval()]
+    try:
+        yield holder[0]
+    finally:
+        holder.clear()
+        gc.collect()
+        free_accelerator_memory(next(loaded.model.parameters()).device)
 
 
 def held_out_rows(recipe: Recipe, split: str | None = None) -> tuple[str, list[dict]]:
@@ -222,22 +246,25 @@ def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str |
     model.eval()
     gc.collect()  # a finished trainer's optimizer state, before generation's own memory peak
     free_accelerator_memory(next(model.parameters()).device)
-    texts, seconds = {}, {}
+    chunks = None
+    if recipe.eval.forgetting:
+        chunk_tokens = min(recipe.train.max_length, FORGETTING_CHUNK_TOKENS)
+        chunks = text_chunks(forgetting_texts(recipe.eval.forgetting), loaded.tokenizer, chunk_tokens,
+                             FORGETTING_CHUNKS)
+    texts, seconds, general_loss = {}, {}, {}
     log.info("generating for %d %s examples, base then tuned", len(rows), split)
     amp = model_stage.autocast(loaded.device, loaded.compute_dtype)
     for which in ("base", "tuned"):
         begun = time.monotonic()
-        with model.disable_adapter() if which == "base" else contextlib.nullcontext(), amp:
-            texts[which] = generate(model, loaded.tokenizer, prompts, is_encoder_decoder=loaded.is_encoder_decoder,
+        with base_model(loaded, recipe) if which == "base" else contextlib.nullcontext(model) as m, amp:
+            texts[which] = generate(m, loaded.tokenizer, prompts, is_encoder_decoder=loaded.is_encoder_decoder,
                                     max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size)
+            if chunks:
+                general_loss[which] = mean_token_loss(m, chunks, loaded.is_encoder_decoder, recipe.eval.batch_size)
         seconds[which] = time.monotonic() - begun
     forgetting = None
-    if recipe.eval.forgetting:
-        with amp:
-            forgetting = measure_forgetting(
-                model, loaded.tokenizer, recipe.eval.forgetting, is_encoder_decoder=loaded.is_encoder_decoder,
-                chunk_tokens=min(recipe.train.max_length, FORGETTING_CHUNK_TOKENS), batch_size=recipe.eval.batch_size,
-            )
+    if chunks:
+        forgetting = make_forgetting(recipe.eval.forgetting, len(chunks), general_loss["base"], general_loss["tuned"])
     seconds["total"] = time.monotonic() - started
     report = {
         "base": score(texts["base"], references, recipe.eval.metrics),
@@ -301,19 +328,11 @@ def write_samples(path: Path, split: str, rows, recipe: Recipe, references, text
 # ---------------------------------------------------------------- forgetting
 
 
-def measure_forgetting(model, tokenizer, source: str, *, is_encoder_decoder: bool, chunk_tokens: int,
-                       batch_size: int) -> Forgetting:
-    """Mean token loss and perplexity of base and tuned on general text, in at most FORGETTING_CHUNKS windows.
-
-    Decoder-only models predict every token of a window; encoder-decoder models read its first half and predict
-    the second (their natural objective: continuation given context).
-    """
-    chunks = text_chunks(forgetting_texts(source), tokenizer, chunk_tokens, FORGETTING_CHUNKS)
-    with model.disable_adapter():
-        base, tokens = mean_token_loss(model, chunks, is_encoder_decoder, batch_size)
-    tuned, _ = mean_token_loss(model, chunks, is_encoder_decoder, batch_size)
+def make_forgetting(source: str, chunks: int, base_loss: tuple[float, int], tuned_loss: tuple[float, int]):
+    """Mean token loss and perplexity of base and tuned on general text (see mean_token_loss), and the change."""
+    (base, tokens), (tuned, _) = base_loss, tuned_loss
     return Forgetting(
-        source=source, chunks=len(chunks), tokens=tokens, base_loss=base, tuned_loss=tuned,
+        source=source, chunks=chunks, tokens=tokens, base_loss=base, tuned_loss=tuned,
         base_perplexity=math.exp(base), tuned_perplexity=math.exp(tuned), loss_change=tuned - base,
         perplexity_change_pct=100 * (math.exp(tuned - base) - 1),
     )
@@ -356,7 +375,11 @@ def text_chunks(texts: list[str], tokenizer, length: int, most: int) -> list[lis
 
 
 def mean_token_loss(model, chunks: list[list[int]], is_encoder_decoder: bool, batch_size: int) -> tuple[float, int]:
-    """(mean cross-entropy per predicted token, tokens predicted); only one batch's logits exist at a time."""
+    """(mean cross-entropy per predicted token, tokens predicted); only one batch's logits exist at a time.
+
+    Decoder-only models predict every token of a window; encoder-decoder models read its first half and predict
+    the second (their natural objective: continuation given context).
+    """
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(chunks), batch_size):

@@ -94,7 +94,9 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
         raise UserError(f"merge: dtype must be bf16, fp16 or fp32, base dequantized or original; got {dtype}, {base}")
     check_out_dir(out_dir, force)
     recipe = read_run(run_dir)
-    base = base if recipe.quantization.load_in_4bit else "original"
+    if skip := nothing_to_merge(recipe):
+        raise UserError(f"{run_dir}: {skip}")
+    base = base if recipe.load_in_4bit else "original"
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter", trust_remote_code=recipe.model.trust_remote_code)
     torch_dtype = model_stage.DTYPES[dtype]
     if base == "dequantized":
@@ -119,6 +121,16 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
     result = MergeResult(out_dir, dtype, base, rounded, check, time.monotonic() - started)
     (out_dir / "README.md").write_text(model_card(recipe, run_dir, result))
     return result
+
+
+def nothing_to_merge(recipe: Recipe) -> str | None:
+    """Why a run has no adapter to merge (full fine-tuning, prompt tuning), or None when it has one."""
+    if recipe.method.kind == "full":
+        return "full fine-tuning trained every weight: model/ in the run directory is already the whole model"
+    if recipe.method.kind == "prompt_tuning":
+        return ("prompt tuning learns virtual input tokens, not weight updates: there is nothing to merge; "
+                "load adapter/ with peft.PeftModel.from_pretrained on the base")
+    return None
 
 
 def check_out_dir(out_dir: Path, force: bool) -> None:

@@ -2,35 +2,40 @@
 
 Inputs: a `Recipe` and the model's `PretrainedConfig` (`load_model_config` reads only config.json or GGUF metadata).
 Output: a `MemoryPlan` (GiB, 2^30 bytes) for training and for evaluation (batched greedy generation), whichever
-peaks higher, and `fit_to_budget`, the cheapest recipe change that fits the budget.
+peaks higher, and `fit_to_budget`, the cheapest recipe change that fits the budget (never another method).
 
-Parameter counts are exact: the model is built on the meta device, 4-bit layers are chosen with transformers' own
-bitsandbytes rule and LoRA is attached with PEFT itself. Activation bytes follow the tensors autograd saves in the
-stack `model.py` builds (NF4 base, bf16 embeddings/lm_head, fp32 norms, fp32 LoRA, bf16 autocast), checked tensor
-by tensor in tests/test_memory.py. Two facts of that stack shape the numbers: fp32 norm weights promote their
-outputs to fp32, and bitsandbytes returns a 4-bit layer's output in its input's dtype, so the residual stream,
-the gated-MLP intermediates and the KV cache of a 4-bit decoder are fp32. TRL's SFTTrainer scores the LM head in
-4096 x 32768 tiles (trl/kernels/chunked_logprob.py), so decoder-only training never holds the full logits;
-Seq2SeqTrainer does (fp32 log-softmax, its gradient and the input gradient: 12 bytes x tokens x vocab).
-Assumed: evaluation runs after the trainer's gradients and optimizer state are freed. Heuristic (no GPU to
-calibrate on yet): the CUDA context (0.5 GiB) and the allocator reserve (10% of transient memory); tools/
-bench_memory.py compares the plan with published figures (QLoRA paper, torchtune, litgpt) and, with --gpu,
-measures both. Not modelled: Gemma-style norms that cast back to bf16, MoE, packed batches.
+Parameter counts are exact (memory_arch.py builds the model on the meta device and attaches the method with PEFT
+itself). Bytes follow the tensors autograd saves in the stack model.py builds for each `[method] kind`, checked
+tensor by tensor in tests/test_memory.py:
+- qlora: NF4 linears, bf16 embeddings/lm_head, fp32 norms and LoRA, bf16 autocast. fp32 norm weights promote
+  their outputs to fp32 and bitsandbytes answers in its input's dtype, so a 4-bit decoder's residual stream,
+  gated-MLP intermediates and KV cache are fp32. lora: the same over 16-bit linears, which answer in bf16.
+- prompt_tuning: a frozen base (4-bit or not) over sequences num_virtual_tokens longer (T5: the encoder's only),
+  gradients flowing through every block to the soft prompt: LoRA's activations without LoRA's own tensors.
+- full: fp32 weights, gradients and optimizer state for every weight, bf16 autocast on CUDA (fp32 on a CPU, where
+  the Trainer does not autocast). Each linear saves its input for its weight gradient, each norm its normalized
+  input. Autocast caches the bf16 copy of every fp32 weight it casts until the forward's autocast region exits,
+  under no_grad too (torch caches casts of leaves that require grad whatever the grad mode): so even with reentrant
+  checkpointing the forward ends holding a bf16 copy of every linear weight (`autocast_copies`, 2 bytes/param).
+Training peaks at the end of the forward, in the backward (of the loss head or of one block), or in the optimizer
+step (`optimizer_step`: torch's foreach AdamW makes fp32 temporaries as large as the weights). Assumed: gradients
+stay allocated from one micro-batch to the next (gradient accumulation); evaluation runs after the trainer's
+gradients and optimizer state are freed. Heuristic (no GPU to calibrate on yet): the CUDA context (0.5 GiB) and
+the allocator reserve (10% of transient memory); tools/bench_memory.py compares the plan with published figures
+and, with --gpu, measures both. Not modelled: Gemma-style norms that cast back to bf16, MoE, packed batches.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import importlib.util
 import math
-import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_lite.errors import UserError
+from qlora_lite.memory_arch import Arch, analyze
 from qlora_lite.recipe import BudgetRecipe, ModelRecipe, Recipe
 
 GIB = 1 << 30
@@ -49,8 +54,9 @@ CUDA_CONTEXT_GIB = 0.5  # driver + cuBLAS/cuDNN handles: 0.3-2 GiB by driver and
 RESERVE_FRACTION = 0.10  # caching-allocator slack per byte of transient memory (heuristic, see _finish)
 TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768  # trl/kernels/chunked_logprob.py: its buffer, whatever the vocab
 BNB_MIN_8BIT_NUMEL, BNB_PAGED_MIN_NUMEL = 4096, 100_000  # bitsandbytes/optim/optimizer.py
-PLAN_KEYS = ("weights_4bit", "weights_16bit", "lora_weights", "lora_grads", "optimizer", "activations", "logits",
-             "kv_cache", "cuda_context", "allocator_reserve")
+PLAN_KEYS = ("weights_4bit", "weights_16bit", "trainable_weights", "gradients", "optimizer", "optimizer_step",
+             "autocast_copies", "activations", "logits", "kv_cache", "cuda_context", "allocator_reserve")
+TRANSIENT_KEYS = ("optimizer_step", "autocast_copies", "activations", "logits", "kv_cache")
 
 
 @dataclass(frozen=True)
@@ -61,44 +67,13 @@ class MemoryPlan:
     train_peak_gib: float
     eval_peak_gib: float
     trainable_params: int
-    total_params: int  # as PEFT's get_nb_trainable_parameters() reports it for the 4-bit model
+    total_params: int  # as model.count_parameters reports it (PEFT's count for adapters)
     budget_gib: float | None
     fits: bool | None
     phase: str  # "train" or "eval"
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class ParamCount:
-    trainable: int  # LoRA parameters
-    total: int  # PEFT's count: a packed 4-bit weight counts numel * 2, i.e. n rounded up to even
-    base: int  # plain count of the unquantized model, tied embeddings once
-
-
-@dataclass(frozen=True)
-class Arch:
-    """What the planner needs from the skeleton, computed once per model and LoRA setting."""
-
-    params: ParamCount
-    quantized_numels: tuple[int, ...]  # weights of the 4-bit linear layers
-    norm_params: int  # 1-D norm weights, upcast to fp32 by model.py
-    other_params: int  # everything else outside LoRA, kept in the compute dtype
-    lora_shapes: tuple[tuple[int, ...], ...]  # each trainable tensor
-    lora_inputs: tuple[tuple[str, int, bool], ...]  # (stream, in_features, reads attention output) of block 0
-    is_encoder_decoder: bool
-    hidden: int
-    intermediate: int
-    layers: int
-    decoder_layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    mlp_saved: int  # tensors of intermediate width saved by the MLP's activation and gate product
-    attention: str  # "sdpa" or "eager"
-    dropout: float  # the model's own dropout (T5: 0.1), not LoRA's
 
 
 # ---------------------------------------------------------------- budget and config
@@ -150,98 +125,6 @@ def load_model_config(model: ModelRecipe):
         ) from None
 
 
-# ---------------------------------------------------------------- the skeleton
-
-
-def analyze(recipe: Recipe, config) -> Arch:
-    """Build the model on the meta device, mark the 4-bit layers, attach LoRA with PEFT; count what exists."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    config = copy.deepcopy(config)  # from_config writes the attention implementation into it
-    enc_dec = bool(getattr(config, "is_encoder_decoder", False))
-    auto = AutoModelForSeq2SeqLM if enc_dec else AutoModelForCausalLM
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = auto.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-        quantized = _quantized_weights(model) if recipe.quantization.load_in_4bit else {}
-        base = dict(model.named_parameters())  # tied weights appear once
-        lora = recipe.lora
-        targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
-        try:
-            peft_model = get_peft_model(model, LoraConfig(
-                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                task_type="SEQ_2_SEQ_LM" if enc_dec else "CAUSAL_LM"))
-        except ValueError as e:
-            raise UserError(f"lora.target_modules: {e}") from None
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    q_numels = tuple(base[n].numel() for n in quantized)
-    norm = sum(p.numel() for n, p in base.items() if p.ndim == 1 and "norm" in n.lower() and n not in quantized)
-    base_count, lora_count = sum(p.numel() for p in base.values()), sum(p.numel() for p in trainable)
-    packed = sum(2 * math.ceil(n / 2) for n in q_numels)  # Params4bit packs two values per byte
-    return Arch(
-        params=ParamCount(lora_count, base_count - sum(q_numels) + packed + lora_count, base_count),
-        quantized_numels=q_numels, norm_params=norm, other_params=base_count - sum(q_numels) - norm,
-        lora_shapes=tuple(tuple(p.shape) for p in trainable), lora_inputs=_lora_inputs(peft_model),
-        is_encoder_decoder=enc_dec, mlp_saved=_mlp_saved(model, config), **_dims(config),
-        attention=model.config._attn_implementation or "eager", dropout=getattr(config, "dropout_rate", 0.0))
-
-
-def _dims(config) -> dict[str, int]:
-    """Sizes under their Llama names; T5's config maps most of them (d_model, num_heads), not d_ff or d_kv."""
-    heads, layers = config.num_attention_heads, config.num_hidden_layers
-    return dict(
-        hidden=config.hidden_size, intermediate=getattr(config, "intermediate_size", None) or config.d_ff,
-        layers=layers, decoder_layers=getattr(config, "num_decoder_layers", None) or layers, heads=heads,
-        kv_heads=getattr(config, "num_key_value_heads", None) or heads, vocab=config.vocab_size,
-        head_dim=getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads)
-
-
-def _quantized_weights(model) -> dict[str, None]:
-    """Names of the weights bitsandbytes will hold in 4-bit: transformers' own rule (skip the output head, tied
-    weights and `_keep_in_fp32_modules`, e.g. T5's `wo`), applied to exact `nn.Linear` layers."""
-    import torch
-    from transformers.quantizers.base import HfQuantizer
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
-    return {f"{name}.weight": None for name, module in model.named_modules()
-            if type(module) is torch.nn.Linear and should_convert_module(name, skip)}
-
-
-def _lora_inputs(peft_model) -> tuple[tuple[str, int, bool], ...]:
-    """(stream, in_features, whether it reads the attention output) of each LoRA layer in block 0 of each stack;
-    stream "cross" = T5's cross-attention k/v, which run over the encoder's tokens."""
-    found = []
-    for name, module in peft_model.named_modules():
-        if not hasattr(module, "lora_A") or "default" not in getattr(module, "lora_A", {}):
-            continue
-        first_index = re.search(r"\.(\d+)\.", name)
-        if first_index is None or first_index.group(1) != "0":
-            continue
-        if "EncDecAttention" in name and name.rsplit(".", 1)[-1] in ("k", "v"):
-            stream = "cross"
-        else:
-            stream = "enc" if ".encoder." in f".{name}" else "dec"
-        reads_attention = re.search(r"(attn|attention)\.(o_proj|o|out_proj|dense)$", name, re.IGNORECASE)
-        found.append((stream, module.in_features, reads_attention is not None))
-    return tuple(found)
-
-
-def _mlp_saved(model, config) -> int:
-    """Intermediate-width tensors the MLP saves: the activation's own (gelu_new: 4, silu/relu/gelu: 1) plus the
-    two factors of the gate product when the MLP is gated (two projections to the width, or one fused to 2x)."""
-    import torch
-
-    width = getattr(config, "intermediate_size", None) or config.d_ff
-    act = getattr(config, "dense_act_fn", None) or getattr(config, "hidden_act", "silu")
-    block = next(m for n, m in model.named_modules() if re.search(r"\.0$", n))
-    outs = [m.out_features for m in block.modules() if isinstance(m, torch.nn.Linear)]
-    gated = outs.count(width) >= 2 or 2 * width in outs
-    return (4 if act == "gelu_new" else 1) + (2 if gated else 0)
-
-
 # ---------------------------------------------------------------- byte model
 
 
@@ -256,16 +139,17 @@ class Precision:
 
 
 def precision(recipe: Recipe, arch: Arch, device: str) -> Precision:
-    dtype = recipe.quantization.compute_dtype
-    if dtype == "auto" and device != "cuda":
+    dtype, full = recipe.quantization.compute_dtype, arch.method == "full"
+    if device != "cuda" and (dtype == "auto" or full):  # no autocast off CUDA: full fine-tuning computes in fp32
         c = 4
     elif dtype == "auto":  # model.py: bf16 where the GPU has it, else fp16, and fp32 for T5 (overflows in fp16)
         fp16_only = (recipe.budget.gpu or "").strip().lower() in FP16_ONLY_CARDS
         c = 4 if fp16_only and arch.is_encoder_decoder else 2
     else:
         c = 4 if dtype == "fp32" else 2
-    linear_out = 4 if recipe.quantization.load_in_4bit or c == 4 else c
-    stream = c if arch.is_encoder_decoder else linear_out  # T5 casts to `wo`'s dtype before its last linear
+    linear_out = 4 if recipe.load_in_4bit or c == 4 else c
+    # fp32 embeddings start full fine-tuning's stream in fp32; T5 casts to `wo`'s dtype before its last linear
+    stream = 4 if full else c if arch.is_encoder_decoder else linear_out
     return Precision(c, linear_out, stream, 1 if device == "cuda" else 4)
 
 
@@ -281,14 +165,31 @@ def _nf4_bytes(numel: int, double_quant: bool, device: str) -> int:
     return sum(parts)
 
 
+def weight_bytes(recipe: Recipe, arch: Arch, p: Precision, device: str, phase: str = "train") -> dict[str, float]:
+    """Resident weights. A frozen base: NF4 layers with their constants, fp32 norms, the rest in the compute dtype,
+    plus the fp32 trainable tensors. Full fine-tuning: fp32 weights, and in evaluation the base reloaded in the
+    compute dtype for the base-vs-tuned comparison."""
+    if arch.method == "full":
+        return {"trainable_weights": 4 * arch.params.base,
+                "weights_16bit": p.compute * arch.params.base if phase == "eval" else 0}
+    q = recipe.quantization
+    return {"weights_4bit": sum(_nf4_bytes(n, q.double_quant, device) for n in arch.quantized_numels),
+            "weights_16bit": 4 * arch.norm_params + p.compute * arch.other_params,
+            "trainable_weights": 4 * arch.params.trainable}
+
+
+def _optimizer_name(recipe: Recipe, device: str) -> str:
+    name = recipe.train.optimizer
+    return ("paged_adamw_8bit" if device == "cuda" else "adamw_torch") if name == "auto" else name
+
+
 def optimizer_bytes(recipe: Recipe, arch: Arch, device: str) -> tuple[int, int]:
     """(ordinary, paged) bytes of optimizer state. bitsandbytes keeps 32-bit state for tensors under 4096
-    elements and pages only tensors of 1e5 elements or more; Adafactor factors 2-D second moments."""
-    name = recipe.train.optimizer
-    if name == "auto":
-        name = "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
+    elements, and for nn.Embedding weights (the Trainer registers that override), and pages only tensors of 1e5
+    elements or more; Adafactor factors 2-D second moments."""
+    name = _optimizer_name(recipe, device)
     ordinary = paged = 0
-    for shape in arch.lora_shapes:
+    for i, shape in enumerate(arch.trainable_shapes):
         n = math.prod(shape)
         if name == "adafactor":  # transformers' Adafactor as the Trainer builds it: no first moment
             ordinary += 4 * (shape[-1] + math.prod(shape[:-1]) if len(shape) >= 2 else n)
@@ -296,7 +197,7 @@ def optimizer_bytes(recipe: Recipe, arch: Arch, device: str) -> tuple[int, int]:
         if name == "adamw_torch":
             ordinary += 8 * n
             continue
-        eight_bit = "8bit" in name and n >= BNB_MIN_8BIT_NUMEL
+        eight_bit = "8bit" in name and n >= BNB_MIN_8BIT_NUMEL and i not in arch.embedding_indices
         states = (2 if eight_bit else 8) * n
         ordinary += 8 * math.ceil(n / 256) if eight_bit else 0  # two fp32 absmax per 256-block
         if name.startswith("paged") and device == "cuda" and n >= BNB_PAGED_MIN_NUMEL:
@@ -304,6 +205,22 @@ def optimizer_bytes(recipe: Recipe, arch: Arch, device: str) -> tuple[int, int]:
         else:
             ordinary += states
     return ordinary, paged
+
+
+def step_bytes(recipe: Recipe, arch: Arch, device: str) -> int:
+    """Temporaries of one optimizer step over the Trainer's parameter groups (tensors of 2 or more dimensions
+    decay, the rest not). torch's AdamW runs foreach kernels on CUDA: its denominator is one fp32 tensor list as
+    large as a group. On a CPU, and in transformers' Adafactor everywhere, the update goes tensor by tensor: two
+    fp32 temporaries of a tensor beside the last one of the tensor before (Adafactor's runs across groups).
+    bitsandbytes updates in place."""
+    name = _optimizer_name(recipe, device)
+    groups = [[math.prod(s) for s in arch.trainable_shapes if (len(s) >= 2) == decay] for decay in (True, False)]
+    if name == "adamw_torch" and device == "cuda":
+        return 4 * max(sum(group) for group in groups)
+    if name not in ("adamw_torch", "adafactor"):
+        return 0
+    runs = groups if name == "adamw_torch" else [groups[0] + groups[1]]
+    return max((4 * (run[i - 1] if i else 0) + 8 * n for run in runs for i, n in enumerate(run)), default=0)
 
 
 def _fused(arch: Arch, device: str) -> bool:
@@ -323,6 +240,25 @@ def _lora_bytes(arch: Arch, p: Precision, recipe: Recipe, stream: str, device: s
     return total
 
 
+def _linear_input_bytes(arch: Arch, p: Precision, stream: str, device: str) -> int:
+    """Per token, full fine-tuning: every linear layer saves its input for its weight gradient. In fp32 the layers
+    reading one tensor (q/k/v, gate/up, and all of T5's cross-attention k/v, counted in train_transient) share it;
+    under autocast each casts its own copy. The output projection reads the fused kernel's saved output."""
+    total = 0
+    for where, n_in, readers, reads_attention in arch.linear_inputs:
+        if where != stream or (reads_attention and _fused(arch, device)) or (where == "cross" and p.compute == 4):
+            continue
+        total += p.compute * n_in * (readers if p.compute < 4 else 1)
+    return total
+
+
+def _trained_bytes(arch: Arch, p: Precision, recipe: Recipe, stream: str, device: str) -> int:
+    """Per token, what the method's own trainable layers save (prompt tuning adds none inside the blocks)."""
+    if arch.method == "full":
+        return _linear_input_bytes(arch, p, stream, device)
+    return _lora_bytes(arch, p, recipe, stream, device)
+
+
 def _attention_bytes(arch: Arch, p: Precision, s_kv: int, kv_ratio: float, device: str) -> float:
     """Per query token. Fused kernels (CUDA sdpa) keep q, k, v (repeated to all heads, as padded batches use
     repeat_kv), the output, an fp32 logsumexp and the float mask sdpa makes of the padding mask in every layer
@@ -337,78 +273,109 @@ def _attention_bytes(arch: Arch, p: Precision, s_kv: int, kv_ratio: float, devic
 
 
 def layer_bytes(arch: Arch, p: Precision, recipe: Recipe, device: str, s: int, s_enc: int = 0, stream="dec"):
-    """Bytes per token autograd saves in one block: norms (fp32 input + rsqrt), attention, MLP, LoRA, dropout."""
+    """Bytes per token autograd saves in one block: norms (fp32 input + rsqrt, and the normalized input when the
+    norm weight trains), attention, MLP, the trained layers' inputs, dropout."""
     h, f, drop = arch.hidden, arch.intermediate, p.mask if arch.dropout else 0
     norm = 4 * h + 4 + (p.stream * h if p.stream < 4 and arch.is_encoder_decoder else 0)  # T5 keeps both
+    norm += 4 * h if arch.method == "full" else 0
     total = 2 * norm + _attention_bytes(arch, p, s, 1.0, device) + arch.mlp_saved * p.linear_out * f
-    total += _lora_bytes(arch, p, recipe, stream, device) + drop * (2 * h + f)
-    if stream == "dec" and arch.is_encoder_decoder:  # cross-attention: its norm, attention, k/v LoRA, dropout
+    total += _trained_bytes(arch, p, recipe, stream, device) + drop * (2 * h + f)
+    if stream == "dec" and arch.is_encoder_decoder:  # cross-attention: its norm, attention, k/v inputs, dropout
         total += norm + _attention_bytes(arch, p, s_enc, s_enc / s, device) + drop * h
-        total += _lora_bytes(arch, p, recipe, "cross", device) * s_enc / s
+        total += _trained_bytes(arch, p, recipe, "cross", device) * s_enc / s
     return total
 
 
+def sequence_lengths(arch: Arch, recipe: Recipe) -> tuple[int, int]:
+    """(decoder, encoder) tokens of a training sequence inside the model: prompt tuning prepends its virtual tokens
+    to a decoder-only sequence, or to T5's encoder input (PEFT leaves the decoder as is)."""
+    t, v = recipe.train, arch.virtual_tokens
+    if arch.is_encoder_decoder:
+        return t.max_target_length, t.max_source_length + v
+    return t.max_length + v, 0
+
+
 def train_transient(arch: Arch, p: Precision, recipe: Recipe, device: str) -> dict[str, float]:
-    """What autograd holds at training's peak: every block's saved tensors (with checkpointing, each block's
-    input) plus the larger of two moments: the loss head's tensors, or the backward of the last block (its
-    recomputed activations, the gradients flowing in and out, of its MLP intermediates, a dequantized weight)."""
-    t, b = recipe.train, recipe.train.micro_batch_size
-    s_dec = t.max_target_length if arch.is_encoder_decoder else t.max_length
-    s_enc = t.max_source_length if arch.is_encoder_decoder else 0
-    h, f, c = arch.hidden, arch.intermediate, p.compute
+    """What training holds beyond resident tensors, at the largest of its moments: the end of the forward (saved
+    tensors, the loss head, autocast's cache of cast weights), the loss head's backward (with a trained head, its
+    weight's fp32 gradient before it joins .grad), and the backward of one block (its recomputed activations, the
+    gradients flowing in and out and through its MLP intermediates, a dequantized weight, a weight gradient before
+    it joins .grad, the block's cast weights). With checkpointing a block saves only its input, and autocast's cache
+    is freed when the forward ends; without, every cast weight stays saved until its block's backward."""
+    b, checkpointing = recipe.train.micro_batch_size, recipe.train.gradient_checkpointing
+    s_dec, s_enc = sequence_lengths(arch, recipe)
+    h, f, c, full = arch.hidden, arch.intermediate, p.compute, arch.method == "full"
     stacks = [("dec", arch.decoder_layers if arch.is_encoder_decoder else arch.layers, s_dec)]
     if arch.is_encoder_decoder:
         stacks.append(("enc", arch.layers, s_enc))
     saved = block = 0.0
     for stream, layers, s in stacks:
         per_token = layer_bytes(arch, p, recipe, device, s, s_enc, stream)
-        saved += b * s * (layers * p.stream * h if t.gradient_checkpointing else layers * per_token)
-        saved += b * s * (4 * h + 4 + (2 * p.mask * h if arch.dropout else 0))  # final norm, dropouts
-        recomputed = per_token if t.gradient_checkpointing else 0
+        saved += b * s * (layers * p.stream * h if checkpointing else layers * per_token)
+        final_norm = 4 * h + 4 + (4 * h if full else 0) + (2 * p.mask * h if arch.dropout else 0)  # and dropouts
+        saved += b * s * final_norm
+        recomputed = per_token if checkpointing else 0
         block = max(block, b * s * (recomputed + 8 * h + 2 * p.linear_out * f))
-    block += _dequantized(arch, p, device)
-    copies = arch.params.trainable * c if c < 4 else 0  # autocast's bf16 copies of the LoRA weights
-    saved += copies / arch.layers if t.gradient_checkpointing else copies
+    block += _dequantized(arch, p, device) + (4 + (c if c < 4 else 0)) * arch.largest_linear
+    if full and arch.is_encoder_decoder:  # the LM head's input; in fp32 the encoder output every cross-attention reads
+        saved += b * s_dec * c * h + (b * s_enc * 4 * h if c == 4 else 0)
     if arch.is_encoder_decoder:  # position biases of both stacks, shared by their blocks and the batch
         saved += arch.heads * c * (s_enc * s_enc + s_dec * s_dec + s_dec * s_enc)
     else:  # the padding mask, shared by all blocks
         saved += b * s_dec * s_dec * (1 if arch.attention == "sdpa" else c)
     head = loss_head_bytes(arch, p, recipe, device)
-    return {"activations": saved + (0 if head >= block else block), "logits": head if head >= block else 0.0}
+    cache, one_block = (c * arch.cast_params, c * arch.block_cast_params) if c < 4 else (0, 0)
+    if checkpointing:
+        forward_end = (saved, loss_head_bytes(arch, p, recipe, device, forward=True), cache)
+        moments = [forward_end, (saved, head, 0), (saved + block, 0, one_block)]
+    else:
+        moments = [(saved, head, cache), (saved + block, 0, cache)]
+    activations, logits, copies = max(moments, key=sum)
+    return {"activations": activations, "logits": logits, "autocast_copies": copies}
 
 
-def loss_head_bytes(arch: Arch, p: Precision, recipe: Recipe, device: str = "cuda") -> float:
-    """Seq2SeqTrainer: full logits (fp32 log-softmax, its gradient and the input's gradient, 12 bytes each).
-    TRL: the fp32 hidden of labelled positions and its gradient, and one 4096 x 32768 tile, whatever the vocab;
-    without Triton (CPU) its fold also makes about six fp32 temporaries of each vocabulary chunk."""
-    t, b = recipe.train, recipe.train.micro_batch_size
+def loss_head_bytes(arch: Arch, p: Precision, recipe: Recipe, device: str = "cuda", forward: bool = False) -> float:
+    """The loss head in its backward (or forward). Seq2SeqTrainer: full logits (fp32 log-softmax, its gradient and
+    the input's gradient, 12 bytes each). TRL: the fp32 hidden of scored positions (and its gradient), and one
+    4096 x 32768 tile, whatever the vocab; on CUDA it scores labelled positions only (never virtual tokens),
+    elsewhere every position, and without Triton its fold makes fp32 temporaries of each vocabulary chunk (about 4
+    forward, 8 backward). A trained head (full fine-tuning) is cast to the compute dtype a chunk at a time, and its
+    weight's fp32 gradient is whole before it joins .grad."""
+    t, b, trained = recipe.train, recipe.train.micro_batch_size, arch.method == "full"
+    weight_grad = 4 * arch.vocab * arch.hidden if trained and not forward else 0
     if arch.is_encoder_decoder:
-        return 12 * b * t.max_target_length * arch.vocab
-    n = b * (t.max_length - 1)
-    rows = min(n, TRL_TOKEN_TILE)
-    fold = 0 if device == "cuda" else 6 * 4 * rows * min(arch.vocab, TRL_VOCAB_TILE)
-    return 8 * n * arch.hidden + rows * (TRL_VOCAB_TILE + arch.hidden) * p.compute + fold
+        return 12 * b * t.max_target_length * arch.vocab + weight_grad
+    n = b * (t.max_length - 1 + (0 if device == "cuda" else arch.virtual_tokens))
+    rows, chunk = min(n, TRL_TOKEN_TILE), min(arch.vocab, TRL_VOCAB_TILE)
+    fold = 0 if device == "cuda" else (4 if forward else 8) * 4 * rows * chunk
+    cast = p.compute * chunk * arch.hidden if trained and p.compute < 4 else 0
+    hidden = (4 if forward else 8) * n * arch.hidden
+    return hidden + rows * (TRL_VOCAB_TILE + arch.hidden) * p.compute + fold + cast + weight_grad
 
 
 def eval_transient(arch: Arch, p: Precision, recipe: Recipe, device: str = "cuda") -> dict[str, float]:
     """Batched greedy generation. Decoder-only: the prefill's peak, in a block's MLP over the whole prompt (four
     intermediates, four fp32 hidden-size tensors), beside the KV cache of prompt + new tokens (fp32 for 4-bit
     layers: k_proj answers in its fp32 input's dtype). T5: the larger of the encoder's MLP moment (three
-    intermediates, eight hidden-size tensors, the position bias) and decoding (both caches, encoder output)."""
+    intermediates, eight hidden-size tensors, the position bias) and decoding (both caches, encoder output).
+    Prompts are num_virtual_tokens longer with prompt tuning; autocast caches an adapter's cast weights for the
+    whole generate() (full fine-tuning's base-vs-tuned comparison holds the larger reloaded base instead)."""
     b, t, new = recipe.eval.batch_size, recipe.train, recipe.eval.max_new_tokens
     h, f, kv_width = arch.hidden, arch.intermediate, arch.kv_heads * arch.head_dim
-    prompt = t.max_source_length if arch.is_encoder_decoder else t.max_length
+    prompt = (t.max_source_length if arch.is_encoder_decoder else t.max_length) + arch.virtual_tokens
     wide, narrow = (3, 8) if arch.is_encoder_decoder else (4, 4)
     prefill = b * prompt * (4 * narrow * h + wide * p.linear_out * f) + _dequantized(arch, p, device)
     logits = b * arch.vocab * (p.compute + 8)  # the last position only, upcast to fp32 for the argmax
     layers = arch.decoder_layers if arch.is_encoder_decoder else arch.layers
     kv = layers * 2 * b * kv_width * (prompt + new) * p.linear_out
+    copies = p.compute * arch.cast_params if p.compute < 4 and arch.method != "full" else 0
     if not arch.is_encoder_decoder:
-        return {"kv_cache": kv, "activations": prefill + logits}
+        return {"kv_cache": kv, "activations": prefill + logits, "autocast_copies": copies}
     prefill += arch.heads * prompt * prompt * p.linear_out
     decoding = kv + b * prompt * 4 * h + logits
-    return {"kv_cache": 0.0, "activations": prefill} if prefill > decoding else \
-        {"kv_cache": kv, "activations": decoding - kv}
+    if prefill > decoding:
+        return {"kv_cache": 0.0, "activations": prefill, "autocast_copies": copies}
+    return {"kv_cache": kv, "activations": decoding - kv, "autocast_copies": copies}
 
 
 def _dequantized(arch: Arch, p: Precision, device: str) -> int:
@@ -438,26 +405,24 @@ def plan_from_arch(recipe: Recipe, arch: Arch, device: str = "cuda") -> MemoryPl
 
 
 def phases(recipe: Recipe, arch: Arch, device: str = "cuda") -> tuple[tuple[dict, float], tuple[dict, float]]:
-    """(components in GiB, allocator peak in GiB) of training and of evaluation (zeros when eval is off)."""
+    """(components in GiB, allocator peak in GiB) of training and of evaluation (zeros when eval is off). Training
+    peaks in the forward/backward or in the optimizer step, whichever holds more."""
     p = precision(recipe, arch, device)
-    q = recipe.quantization
-    fixed = {
-        "weights_4bit": sum(_nf4_bytes(n, q.double_quant, device) for n in arch.quantized_numels),
-        "weights_16bit": 4 * arch.norm_params + p.compute * arch.other_params,
-        "lora_weights": 4 * arch.params.trainable,
-    }
     ordinary, paged = optimizer_bytes(recipe, arch, device)
-    train = {**fixed, "lora_grads": 4 * arch.params.trainable, "optimizer": ordinary + paged,
-             **train_transient(arch, p, recipe, device)}
+    train = {**weight_bytes(recipe, arch, p, device), "gradients": 4 * arch.params.trainable,
+             "optimizer": ordinary + paged}
+    transient, step = train_transient(arch, p, recipe, device), step_bytes(recipe, arch, device)
+    train.update(transient if sum(transient.values()) >= step else {"optimizer_step": step})
     if not recipe.eval.enabled:
         return _finish(train, device, paged), (dict.fromkeys(PLAN_KEYS, 0.0), 0.0)
-    return _finish(train, device, paged), _finish({**fixed, **eval_transient(arch, p, recipe, device)}, device, 0)
+    evals = {**weight_bytes(recipe, arch, p, device, "eval"), **eval_transient(arch, p, recipe, device)}
+    return _finish(train, device, paged), _finish(evals, device, 0)
 
 
 def _finish(parts: dict[str, float], device: str, paged: int) -> tuple[dict[str, float], float]:
     """GiB per component, plus CUDA context and allocator reserve; and the allocator's own peak, which leaves out
     both and the paged optimizer state (bitsandbytes allocates that as CUDA managed memory)."""
-    transient = sum(parts.get(k, 0) for k in ("activations", "logits", "kv_cache"))
+    transient = sum(parts.get(k, 0) for k in TRANSIENT_KEYS)
     on_cuda = device == "cuda"
     parts = {**parts, "cuda_context": CUDA_CONTEXT_GIB * GIB if on_cuda else 0.0,
              "allocator_reserve": RESERVE_FRACTION * transient if on_cuda else 0.0}

@@ -1,13 +1,15 @@
-"""Stage 3: load the base model (4-bit NF4 by default), its tokenizer, and attach LoRA.
+"""Stage 3: load the base model (4-bit NF4 by default), its tokenizer, and make what the method trains trainable.
 
-Inputs: the model, quantization, lora and train sub-recipes. Output: a `LoadedModel` with a PEFT model ready
-for a trainer. What stays in which dtype is decided here, and the memory planner models exactly this:
-4-bit linear layers, embeddings and lm_head in the compute dtype, norms in fp32, LoRA weights in fp32.
+Inputs: the model, quantization, train and method sub-recipes. Output: a `LoadedModel` ready for a trainer.
+What stays in which dtype is decided here, and the memory planner models exactly this:
+- qlora: 4-bit linear layers, embeddings and lm_head in the compute dtype, norms in fp32, LoRA weights in fp32;
+- lora: the same with 16-bit linear layers (the compute dtype);
+- prompt_tuning: a frozen base (4-bit per [quantization]) and `num_virtual_tokens` trainable embeddings in fp32;
+- full: every weight trainable, held in fp32 (master weights) and computed in the compute dtype under autocast.
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextlib
 import hashlib
 import importlib.util
@@ -20,7 +22,10 @@ from pathlib import Path
 import torch
 
 from qlora_lite.errors import UserError
-from qlora_lite.recipe import LoraRecipe, ModelRecipe, QuantizationRecipe, TrainRecipe
+from qlora_lite.recipe import (
+    LoraRecipe, MethodRecipe, ModelRecipe, PromptRecipe, QuantizationRecipe, Recipe, TrainRecipe, placeholders,
+    quantizes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +123,13 @@ def _convert_gguf(gguf_path: Path) -> Path:
     return target
 
 
-def load_model(model: ModelRecipe, quant: QuantizationRecipe, train: TrainRecipe) -> LoadedModel:
-    """Load tokenizer and base model, quantized per the recipe, on the device the recipe asks for."""
+def load_model(model: ModelRecipe, quant: QuantizationRecipe, train: TrainRecipe,
+               method: MethodRecipe = MethodRecipe()) -> LoadedModel:
+    """Load tokenizer and base model, quantized as the method asks, on the device the recipe asks for.
+
+    Full fine-tuning loads fp32 weights: the optimizer updates fp32 master weights, autocast computes in the
+    compute dtype (a pure bf16 model would round small updates away).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, BitsAndBytesConfig
 
     device = pick_device(train)
@@ -133,8 +143,9 @@ def load_model(model: ModelRecipe, quant: QuantizationRecipe, train: TrainRecipe
         ) from None
     is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     dtype = pick_compute_dtype(quant, device, is_encoder_decoder)
-    kwargs = {"dtype": dtype, "trust_remote_code": model.trust_remote_code}
-    if quant.load_in_4bit:
+    weights = torch.float32 if method.kind == "full" else dtype
+    kwargs = {"dtype": weights, "trust_remote_code": model.trust_remote_code}
+    if quantizes(method, quant):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=quant.quant_type,
@@ -158,15 +169,22 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def attach_lora(loaded: LoadedModel, lora: LoraRecipe, train: TrainRecipe, *, use_reentrant: bool = True):
-    """Freeze the base, upcast only the norms, enable gradient checkpointing, wrap with LoRA adapters.
+def attach_method(loaded: LoadedModel, recipe: Recipe):
+    """Make trainable what `[method] kind` trains; returns the model to hand to the trainer."""
+    kind = recipe.method.kind
+    if kind == "full":
+        return unfreeze_all(loaded, recipe.train)
+    if kind == "prompt_tuning":
+        return attach_prompt_tuning(loaded, recipe.method, recipe.prompt, recipe.train)
+    return attach_lora(loaded, recipe.lora, recipe.train)
+
+
+def freeze_base(model, train: TrainRecipe, *, use_reentrant: bool = True) -> None:
+    """Freeze every weight, upcast only the norms, enable gradient checkpointing, turn the KV cache off.
 
     PEFT's `prepare_model_for_kbit_training` upcasts embeddings and lm_head to fp32 too, which at large
     vocabularies costs gigabytes for nothing (bitsandbytes#1569); here they stay in the compute dtype.
     """
-    from peft import LoraConfig, TaskType, get_peft_model
-
-    model = loaded.model
     for name, param in model.named_parameters():
         param.requires_grad = False
         if param.ndim == 1 and param.dtype in (torch.float16, torch.bfloat16) and "norm" in name.lower():
@@ -176,6 +194,13 @@ def attach_lora(loaded: LoadedModel, lora: LoraRecipe, train: TrainRecipe, *, us
         if use_reentrant:
             model.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
     model.config.use_cache = False
+
+
+def attach_lora(loaded: LoadedModel, lora: LoraRecipe, train: TrainRecipe, *, use_reentrant: bool = True):
+    """Freeze the base and wrap it with LoRA adapters (qlora and lora)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    freeze_base(loaded.model, train, use_reentrant=use_reentrant)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -184,7 +209,57 @@ def attach_lora(loaded: LoadedModel, lora: LoraRecipe, train: TrainRecipe, *, us
         task_type=TaskType.SEQ_2_SEQ_LM if loaded.is_encoder_decoder else TaskType.CAUSAL_LM,
     )
     try:
-        loaded.model = get_peft_model(model, config)
+        loaded.model = get_peft_model(loaded.model, config)
     except ValueError as e:
         raise UserError(f"lora.target_modules: {e}") from None
     return loaded.model
+
+
+def prompt_tuning_init_text(method: MethodRecipe, prompt: PromptRecipe) -> str:
+    """The text the virtual tokens start from: the recipe's, else the template with its placeholders removed."""
+    if method.prompt_tuning_init_text is not None:
+        return method.prompt_tuning_init_text
+    text = prompt.template
+    for name in placeholders(text):
+        text = text.replace("{" + name + "}", " ")
+    return " ".join(text.split())
+
+
+def attach_prompt_tuning(loaded: LoadedModel, method: MethodRecipe, prompt: PromptRecipe, train: TrainRecipe):
+    """Freeze the base and prepend `num_virtual_tokens` trainable embeddings to every input (PEFT prompt tuning).
+
+    Starting from the embeddings of a task description trains faster and more stably than random vectors
+    (Lester et al. 2021); PEFT repeats or cuts the text's tokens to num_virtual_tokens.
+    """
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+    freeze_base(loaded.model, train)
+    text = prompt_tuning_init_text(method, prompt)
+    config = PromptTuningConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM if loaded.is_encoder_decoder else TaskType.CAUSAL_LM,
+        num_virtual_tokens=method.num_virtual_tokens,
+        prompt_tuning_init=PromptTuningInit.TEXT if text else PromptTuningInit.RANDOM,
+        prompt_tuning_init_text=text or None,
+        tokenizer_name_or_path=loaded.source if text else None,
+    )
+    loaded.model = get_peft_model(loaded.model, config)
+    return loaded.model
+
+
+def unfreeze_all(loaded: LoadedModel, train: TrainRecipe):
+    """Full fine-tuning: every weight trains (fp32 master weights, see load_model)."""
+    model = loaded.model
+    for param in model.parameters():
+        param.requires_grad = True
+    if train.gradient_checkpointing:  # the embedding weight trains, so checkpoint inputs already require grad
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.config.use_cache = False
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) as PEFT reports them for adapter models; plain counts for a fully trained model."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total

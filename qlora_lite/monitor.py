@@ -50,6 +50,11 @@ def open_probe(device: str) -> Probe:
     return probe
 
 
+def reset_peaks(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
 def rss_gib() -> float | None:
     try:
         with open("/proc/self/statm") as f:

@@ -64,8 +64,19 @@ class PromptRecipe:
 
 
 @dataclass(frozen=True)
+class MethodRecipe:
+    kind: Literal["qlora", "lora", "full", "prompt_tuning"] = _opt(
+        "qlora", doc="qlora = LoRA on a 4-bit base; lora = on a 16-bit base; full = every weight; prompt_tuning"
+    )
+    num_virtual_tokens: int = _opt(20, lo=1, hi=512, doc="prompt_tuning: trainable soft-prompt tokens")
+    prompt_tuning_init_text: str | None = _opt(
+        None, doc="prompt_tuning: text the virtual tokens start from (default: the template's own words)"
+    )
+
+
+@dataclass(frozen=True)
 class QuantizationRecipe:
-    load_in_4bit: bool = _opt(True, doc="load the base in 4-bit (QLoRA); false = 16/32-bit LoRA")
+    load_in_4bit: bool = _opt(True, doc="4-bit base for prompt_tuning (qlora always, lora and full never)")
     quant_type: Literal["nf4", "fp4"] = _opt("nf4", doc="4-bit data type")
     double_quant: bool = _opt(True, doc="quantize the quantization constants too (~0.37 bit/param saved)")
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = _opt(
@@ -142,6 +153,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelRecipe,
     "data": DataRecipe,
     "prompt": PromptRecipe,
+    "method": MethodRecipe,
     "quantization": QuantizationRecipe,
     "lora": LoraRecipe,
     "train": TrainRecipe,
@@ -152,12 +164,18 @@ SECTIONS: dict[str, type] = {
 }
 
 
+def quantizes(method: MethodRecipe, quant: QuantizationRecipe) -> bool:
+    """QLoRA quantizes the base; LoRA and full fine-tuning never do; prompt tuning as [quantization] says."""
+    return method.kind == "qlora" or (method.kind == "prompt_tuning" and quant.load_in_4bit)
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
     model: ModelRecipe
     data: DataRecipe = DataRecipe()
     prompt: PromptRecipe = PromptRecipe()
+    method: MethodRecipe = MethodRecipe()
     quantization: QuantizationRecipe = QuantizationRecipe()
     lora: LoraRecipe = LoraRecipe()
     train: TrainRecipe = TrainRecipe()
@@ -169,6 +187,15 @@ class Recipe:
     @property
     def run_dir(self) -> Path:
         return Path(self.output.dir) / self.name
+
+    @property
+    def load_in_4bit(self) -> bool:
+        return quantizes(self.method, self.quantization)
+
+    @property
+    def has_adapter(self) -> bool:
+        """Every method but full fine-tuning trains a PEFT adapter on a frozen base."""
+        return self.method.kind != "full"
 
 
 # ---------------------------------------------------------------- loading
@@ -333,6 +360,14 @@ def placeholders(template: str) -> list[str]:
 def _cross_checks(s: dict, base_dir: Path) -> list[str]:
     problems = []
     model, data, prompt, train, budget = s["model"], s["data"], s["prompt"], s["train"], s["budget"]
+    method = s["method"]
+    if method.kind == "qlora" and not s["quantization"].load_in_4bit:
+        problems.append(
+            'quantization.load_in_4bit = false with method.kind = "qlora": QLoRA is LoRA on a 4-bit base; '
+            'for LoRA on a 16-bit base set [method] kind = "lora"'
+        )
+    if method.kind != "prompt_tuning" and method.prompt_tuning_init_text is not None:
+        problems.append('method.prompt_tuning_init_text: only used with [method] kind = "prompt_tuning"')
     if not model.name:
         problems.append('model.name: required, e.g. name = "google/flan-t5-base" or a local folder')
     if model.gguf_file is not None and not model.gguf_file.endswith(".gguf"):

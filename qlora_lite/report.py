@@ -43,10 +43,12 @@ def recipe_summary(recipe: Recipe) -> list[tuple[str, str]]:
                        if (v := getattr(data, s)) is not None)
     return [
         ("base model", f"`{recipe.model.name}`" + (f" ({recipe.model.gguf_file})" if recipe.model.gguf_file else "")),
+        ("method", method_summary(recipe)),
         ("quantization", f"4-bit {q.quant_type}, double quant {'on' if q.double_quant else 'off'}, compute "
-                         f"{q.compute_dtype}" if q.load_in_4bit
-                         else f"none (16/32-bit LoRA, compute {q.compute_dtype})"),
-        ("LoRA", f"r {lora.r}, alpha {lora.alpha:g}, dropout {lora.dropout:g}, targets {targets}"),
+                         f"{q.compute_dtype}" if recipe.load_in_4bit
+                         else f"none (16/32-bit base, compute {q.compute_dtype})"),
+        ("LoRA", f"r {lora.r}, alpha {lora.alpha:g}, dropout {lora.dropout:g}, targets {targets}"
+                 if recipe.method.kind in ("qlora", "lora") else "not used"),
         ("training", f"{schedule}, micro-batch {train.micro_batch_size} x {train.gradient_accumulation_steps} "
                      f"accumulation, lr {train.learning_rate:g} {train.lr_scheduler}, seed {train.seed}"),
         ("lengths", length),
@@ -54,6 +56,14 @@ def recipe_summary(recipe: Recipe) -> list[tuple[str, str]]:
         ("prompt", "`" + recipe.prompt.template.replace("\n", "\\n").replace("|", "\\|") + "`"
                    + (" in the chat template" if recipe.prompt.chat_template else "")),
     ]
+
+
+def method_summary(recipe: Recipe) -> str:
+    kind = recipe.method.kind
+    if kind == "prompt_tuning":
+        return f"prompt tuning, {recipe.method.num_virtual_tokens} virtual tokens"
+    return {"qlora": "QLoRA (LoRA on a 4-bit base)", "lora": "LoRA on a 16-bit base",
+            "full": "full fine-tuning (every weight, fp32 master weights)"}[kind]
 
 
 def metrics_table(report: dict) -> list[str]:

@@ -1,5 +1,5 @@
-"""The whole job, in order: recipe → memory plan → data → model → LoRA → train (watched) → evaluate → merge →
-report.
+"""The whole job, in order: recipe → memory plan → data → model → adapter (per [method]) → train (watched) →
+evaluate → merge → report.
 
 `run` is the one place that calls every stage; read it top to bottom. It prints nothing: it reports what it
 decided and measured through `notify(event, payload)`, which the CLI renders.
@@ -24,7 +24,7 @@ from qlora_lite.errors import BudgetError, UserError
 from qlora_lite.recipe import SECTIONS, Recipe, load_recipe, recipe_to_toml
 
 # Sections whose change makes a checkpoint meaningless: resuming with them changed is refused.
-FROZEN_ON_RESUME = ("model", "data", "prompt", "quantization", "lora")
+FROZEN_ON_RESUME = ("model", "data", "prompt", "method", "quantization", "lora")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
     started = time.monotonic()
     check_run_dir(recipe, resume)  # refuse at once, before minutes of loading
     device = model_stage.pick_device(recipe.train)
+    monitor.reset_peaks(device)  # a second run in this process (compare) measures its own peak
     optimizer = train_stage.pick_optimizer(recipe.train, device)
 
     # Plan memory from the config alone; refuse, or re-fit, a recipe that cannot fit its budget.
@@ -54,7 +55,7 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
 
     # Data, then model: a missing file, column or model fails here, and leaves nothing behind.
     splits = data_stage.load_splits(recipe.data, recipe.prompt)
-    loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train)
+    loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train, recipe.method)
     train_ds, stats = data_stage.build_examples(
         splits["train"], loaded.tokenizer, recipe.data, recipe.prompt, recipe.train, loaded.is_encoder_decoder
     )
@@ -64,8 +65,8 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
             splits["eval"], loaded.tokenizer, recipe.data, recipe.prompt, recipe.train, loaded.is_encoder_decoder
         )
     run_dir = create_run_dir(recipe, loaded.device)
-    model_stage.attach_lora(loaded, recipe.lora, recipe.train)
-    trainable, total = loaded.model.get_nb_trainable_parameters()
+    model_stage.attach_method(loaded, recipe)
+    trainable, total = model_stage.count_parameters(loaded.model)
     steps = train_stage.planned_steps(recipe.train, stats.rows)
     effective_batch = recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps
     probe = monitor.open_probe(loaded.device)
@@ -75,6 +76,7 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
             "device": loaded.device,
             "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."),
             "kind": "encoder-decoder (Seq2SeqTrainer)" if loaded.is_encoder_decoder else "decoder-only (SFTTrainer)",
+            "method": recipe.method.kind,
             "optimizer": optimizer,
             "trainable_params": trainable,
             "total_params": total,
@@ -103,7 +105,7 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
         used = monitor.footprint_gib(watcher.exceeded)
         raise BudgetError(
             f"memory budget crossed at step {watcher.exceeded['step']}: {used:.2f} GiB > {plan.budget_gib:g} GiB. "
-            f"Adapter saved to {result.adapter_dir} and a checkpoint to {train_stage.last_checkpoint(run_dir)}; "
+            f"Trained weights saved to {result.saved_dir} and a checkpoint to {train_stage.last_checkpoint(run_dir)}; "
             f"lower train.micro_batch_size or train.max_length and continue with --resume"
         )
 
@@ -114,15 +116,30 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
         evaluation = evaluate.evaluate_run(loaded, recipe, run_dir)
         notify("evaluated", evaluation)
     merged = None
-    if recipe.export.merge:
+    skip = export.nothing_to_merge(recipe)
+    if recipe.export.merge and skip:
+        notify("merge_skipped", skip)
+    elif recipe.export.merge:
         del loaded  # the 4-bit model is not needed while the full-precision copy is merged
         gc.collect()
         notify("merging", {"dtype": recipe.export.dtype, "base": recipe.export.base})
         merged = export.merge_run(run_dir, run_dir / "merged", dtype=recipe.export.dtype, base=recipe.export.base)
         notify("merged", merged)
+    write_result(run_dir, recipe, result, trainable, total)
     report_path = report.write_report(run_dir)
     return RunResult(run_dir, result, stats, trainable, total, plan, evaluation, merged, report_path,
                      time.monotonic() - started)
+
+
+def write_result(run_dir: Path, recipe: Recipe, result: train_stage.TrainResult, trainable: int, total: int) -> None:
+    """result.json: what training did, in one small file (compare and other tools read it)."""
+    summary = {
+        "method": recipe.method.kind, "learning_rate": recipe.train.learning_rate, "steps": result.steps,
+        "first_loss": result.first_loss, "last_loss": result.last_loss, "train_seconds": result.train_seconds,
+        "tokens_per_s": result.tokens_per_s, "trainable_params": trainable, "total_params": total,
+        "saved_dir": str(result.saved_dir),
+    }
+    (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def plan_within_budget(recipe: Recipe, notify) -> tuple[Recipe, memory.MemoryPlan]:

@@ -1,4 +1,4 @@
-"""Stage 4: train the LoRA adapter and save it.
+"""Stage 4: train what the method trains (a LoRA or prompt-tuning adapter, or every weight) and save it.
 
 Two explicit, parallel branches: decoder-only models train with TRL's `SFTTrainer` on examples we tokenized
 ourselves (labels already mask the prompt); encoder-decoder models (T5, BART) train with transformers'
@@ -35,7 +35,7 @@ class TrainResult:
     last_loss: float | None
     train_seconds: float
     tokens_per_s: float
-    adapter_dir: Path
+    saved_dir: Path  # run_dir/adapter (PEFT format), or run_dir/model for full fine-tuning
 
 
 def pick_optimizer(train: TrainRecipe, device: str) -> str:
@@ -160,28 +160,28 @@ def train(
     on_progress: Callable[[dict], None] | None = None,
     callbacks: list = (),
 ) -> TrainResult:
-    """Train, save the adapter (PEFT format) and tokenizer to run_dir/adapter, return what happened."""
+    """Train, save the adapter (PEFT format) or the full model, with the tokenizer, return what happened."""
     torch.manual_seed(train.seed)
     metrics = MetricsLog(run_dir / "metrics.jsonl", on_progress)
     trainer = build_trainer(loaded, train_ds, eval_ds, train, run_dir, [metrics, *callbacks])
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the progress hook replaces it
     checkpoint = last_checkpoint(run_dir) if resume else None
     started = time.monotonic()
-    adapter_dir = run_dir / "adapter"
+    saved_dir = trained_dir(run_dir, loaded.model)
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
-        save_adapter(loaded, adapter_dir)
+        save_trained(loaded, saved_dir)
         last = last_checkpoint(run_dir)
         raise BudgetError(
-            f"CUDA out of memory at step {trainer.state.global_step}; adapter saved to {adapter_dir}"
+            f"CUDA out of memory at step {trainer.state.global_step}; weights saved to {saved_dir}"
             + (f", last checkpoint {last.name}" if last else "")
             + ". Lower train.micro_batch_size (raise gradient_accumulation_steps to keep the effective batch) "
             "or train.max_length, then continue with --resume"
         ) from None
     seconds = time.monotonic() - started
-    save_adapter(loaded, adapter_dir)
+    save_trained(loaded, saved_dir)
     losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r and r.get("event") != "end"]
     tokens = trainer.state.num_input_tokens_seen
     return TrainResult(
@@ -190,13 +190,18 @@ def train(
         last_loss=losses[-1] if losses else output.training_loss,
         train_seconds=seconds,
         tokens_per_s=tokens / seconds if seconds else 0.0,
-        adapter_dir=adapter_dir,
+        saved_dir=saved_dir,
     )
 
 
-def save_adapter(loaded: LoadedModel, adapter_dir: Path) -> None:
-    loaded.model.save_pretrained(adapter_dir)
-    loaded.tokenizer.save_pretrained(adapter_dir)
+def trained_dir(run_dir: Path, model) -> Path:
+    """Where a run keeps what it trained: adapter/ for PEFT models, model/ for a fully fine-tuned one."""
+    return run_dir / ("adapter" if hasattr(model, "peft_config") else "model")
+
+
+def save_trained(loaded: LoadedModel, out_dir: Path) -> None:
+    loaded.model.save_pretrained(out_dir)
+    loaded.tokenizer.save_pretrained(out_dir)
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:

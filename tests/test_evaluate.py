@@ -179,7 +179,7 @@ def test_load_run_reproduces_the_in_memory_evaluation(tmp_path, tiny_llama, tiny
 
 def test_load_run_refuses_a_folder_without_an_adapter(tmp_path):
     (tmp_path / "recipe.toml").write_text("")
-    with pytest.raises(UserError, match="no adapter"):
+    with pytest.raises(UserError, match="no trained weights"):
         load_run(tmp_path)
     with pytest.raises(UserError, match="not a run directory"):
         load_run(tmp_path / "missing")

@@ -105,7 +105,7 @@ def test_bf16_export_is_stored_in_bf16_with_a_card(tmp_path, tiny_llama, tiny_da
 
 
 def test_a_run_without_4bit_merges_into_the_original_base(tmp_path, tiny_llama, tiny_data):
-    recipe, _ = make_run(tmp_path, tiny_llama, tiny_data, steps=2, overrides=["quantization.load_in_4bit=false"])
+    recipe, _ = make_run(tmp_path, tiny_llama, tiny_data, steps=2, overrides=["method.kind=lora"])
     result = export.merge_run(recipe.run_dir, tmp_path / "out", dtype="fp32", base="dequantized")
     assert result.base == "original" and result.rounded_weights == 0 and result.check.passed
 

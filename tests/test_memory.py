@@ -1,9 +1,11 @@
-"""Memory planner: every figure checked against tensors of real tiny models loaded the way model.py loads them.
+"""Memory planner: every figure checked against tensors of real tiny models loaded the way model.py loads them,
+for each method (qlora, lora, full, prompt_tuning).
 
-Counts against PEFT's own report; 4-bit bytes against the Params4bit and quant_state storage; LoRA and optimizer
-bytes against the tensors a real optimizer step creates; activation bytes against what autograd saves for
-backward, block by block; the KV cache against a real generate(). Then budget resolution, fitting and the
-directions the plan must move in.
+Counts against count_parameters (PEFT's own report for adapters); weight bytes against the Params4bit, quant_state
+and parameter storage; optimizer bytes against the tensors a real optimizer step creates; activation bytes against
+what autograd saves for backward, block by block; the KV cache against a real generate(); whole training steps
+against every allocation they make. Then budget resolution, fitting, and the directions and orderings the plan must
+show on a 7B config.
 """
 
 import dataclasses
@@ -20,12 +22,12 @@ from torch.utils._pytree import tree_flatten
 
 from qlora_lite.errors import UserError
 from qlora_lite.memory import (
-    GPU_CARDS, PLAN_KEYS, analyze, budget_gib, eval_transient, fit_to_budget, layer_bytes, load_model_config,
-    loss_head_bytes, optimizer_bytes, plan_from_arch, plan_memory, precision,
+    GIB, GPU_CARDS, PLAN_KEYS, analyze, budget_gib, eval_transient, fit_to_budget, layer_bytes, load_model_config,
+    loss_head_bytes, optimizer_bytes, phases, plan_from_arch, plan_memory, precision, step_bytes, train_transient,
 )
-from qlora_lite.model import attach_lora, load_model
+from qlora_lite.model import attach_lora, attach_method, count_parameters, load_model
 from qlora_lite.recipe import (
-    BudgetRecipe, EvalRecipe, LoraRecipe, ModelRecipe, QuantizationRecipe, Recipe, TrainRecipe,
+    BudgetRecipe, EvalRecipe, LoraRecipe, MethodRecipe, ModelRecipe, QuantizationRecipe, Recipe, TrainRecipe,
 )
 
 CPU = TrainRecipe(device="cpu", gradient_checkpointing=False, max_length=32, micro_batch_size=2)
@@ -40,6 +42,19 @@ def load_qlora(recipe: Recipe):
     """The model as the trainer runs it: model.py's 4-bit load and LoRA attachment, in training mode."""
     loaded = load_model(recipe.model, recipe.quantization, recipe.train)
     return attach_lora(loaded, recipe.lora, recipe.train).train()
+
+
+def load_method(recipe: Recipe):
+    """The model as the trainer runs it for recipe.method, in training mode."""
+    loaded = load_model(recipe.model, recipe.quantization, recipe.train, recipe.method)
+    return attach_method(loaded, recipe).train()
+
+
+def cpu_autocast(monkeypatch):
+    """PEFT asks torch.is_autocast_enabled() (CUDA's flag) whether to cast; answer with CPU autocast's flag, so a
+    CPU run under torch.autocast("cpu", bfloat16) takes the path a CUDA run takes."""
+    cpu_flag = torch.is_autocast_enabled
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: cpu_flag(*a) if a else cpu_flag("cpu"))
 
 
 def save_variant(src, tmp_path, **changes):
@@ -160,7 +175,7 @@ def test_weight_bytes_equal_storage(tiny_llama, double_quant):
     train = plan_memory(recipe, load_model_config(recipe.model), device="cpu").components
     assert round(train["weights_4bit"] * 2**30) == four_bit
     assert round(train["weights_16bit"] * 2**30) == sixteen  # bf16 embeddings and head, fp32 norms
-    assert round(train["lora_weights"] * 2**30) == lora
+    assert round(train["trainable_weights"] * 2**30) == lora
 
 
 OPTIMIZERS = ["adamw_torch", "paged_adamw_8bit", "adamw_bnb_8bit", "paged_adamw_32bit", "adafactor"]
@@ -184,19 +199,85 @@ def test_optimizer_bytes_equal_state_after_a_step(tiny_llama, tmp_path, optim):
              if torch.is_tensor(t) and t.dim() > 0 and not k.startswith("qmap")}  # qmaps: one shared 2 KiB table
     arch = analyze(recipe, load_model_config(recipe.model))
     assert optimizer_bytes(recipe, arch, "cpu") == (sum(state.values()), 0)
-    assert len({n < 4096 for s in arch.lora_shapes for n in [math.prod(s)]}) == 2  # both regimes present
+    assert len({n < 4096 for s in arch.trainable_shapes for n in [math.prod(s)]}) == 2  # both regimes present
 
 
 def test_paged_state_is_counted_apart_on_cuda(tiny_llama):
     recipe = make_recipe(tiny_llama, lora=LoraRecipe(r=8), train=dataclasses.replace(CPU, optimizer="paged_adamw_8bit"))
     arch = analyze(recipe, load_model_config(recipe.model))
-    big = dataclasses.replace(arch, lora_shapes=((8, 200_000), (8, 100), (64, 64)))
+    big = dataclasses.replace(arch, trainable_shapes=((8, 200_000), (8, 100), (64, 64)), embedding_indices=())
     ordinary, paged = optimizer_bytes(recipe, big, "cuda")
     assert paged == 2 * 1_600_000  # uint8 moments of the only tensor with 1e5 elements or more
     assert ordinary == 8 * math.ceil(1_600_000 / 256) + 8 * 800 + 2 * 4096 + 8 * math.ceil(4096 / 256)
     plan = plan_from_arch(dataclasses.replace(recipe, eval=EvalRecipe(enabled=False)), big, "cuda")
     outside_allocator = plan.components["cuda_context"] + plan.components["allocator_reserve"] + paged / 2**30
     assert plan.peak_allocated_gib == pytest.approx(plan.peak_gib - outside_allocator)
+
+
+# ---------------------------------------------------------------- every method: parameters, weights, optimizer
+
+KINDS = ["qlora", "lora", "full", "prompt_tuning"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_counts_equal_count_parameters_for_every_method(tiny_llama, tiny_t5, family, kind):
+    """What model.count_parameters reports after attach_method: PEFT's count for adapters, plain sums for full."""
+    folder = tiny_t5 if family == "t5" else tiny_llama
+    recipe = make_recipe(folder, method=MethodRecipe(kind=kind, num_virtual_tokens=12))
+    model = load_method(recipe)
+    arch = analyze(recipe, load_model_config(recipe.model))
+    assert (arch.params.trainable, arch.params.total) == count_parameters(model)
+    if kind == "prompt_tuning":  # PEFT gives T5 a prompt for each stack (num_transformer_submodules = 2)
+        assert arch.params.trainable == (2 if family == "t5" else 1) * 12 * model.config.hidden_size
+    if kind == "full":
+        assert arch.params.trainable == arch.params.total == arch.params.base
+
+
+@pytest.mark.parametrize("kind", ["lora", "full", "prompt_tuning"])
+def test_resident_weight_bytes_equal_storage_for_every_method(tiny_llama, kind):
+    """lora: a bf16 base with fp32 norms; full: every weight in fp32; prompt tuning: the 4-bit base and an fp32
+    prompt."""
+    recipe = make_recipe(tiny_llama, method=MethodRecipe(kind=kind), quantization=BF16, eval=EvalRecipe(enabled=False))
+    model = load_method(recipe)
+    found = Counter()
+    for p in model.parameters():
+        if type(p).__name__ == "Params4bit":
+            found["weights_4bit"] += 1  # their bytes: test_weight_bytes_equal_storage
+        else:
+            found["trainable_weights" if p.requires_grad else "weights_16bit"] += p.numel() * p.element_size()
+    train = plan_memory(recipe, load_model_config(recipe.model), device="cpu").components
+    assert round(train["trainable_weights"] * GIB) == found["trainable_weights"]
+    assert round(train["weights_16bit"] * GIB) == found["weights_16bit"]
+    assert (train["weights_4bit"] > 0) == (found["weights_4bit"] > 0) == (kind == "prompt_tuning")
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_bnb_8bit", "adafactor"])
+@pytest.mark.parametrize("kind", ["full", "prompt_tuning"])
+def test_optimizer_state_and_step_temporaries_for_full_and_prompt_tuning(tiny_llama, tmp_path, kind, optim):
+    """Every weight's state, or the soft prompt's. The Trainer gives nn.Embedding weights 32-bit state under 8-bit
+    optimizers: the input embeddings here (400 x 64) and the prompt (80 x 64), both over bitsandbytes' 4096-element
+    threshold. The step's own temporaries are tracked too (bitsandbytes' CPU fallback is no guide to CUDA's)."""
+    from transformers import Trainer, TrainingArguments
+
+    method = MethodRecipe(kind=kind, num_virtual_tokens=80)
+    recipe = make_recipe(tiny_llama, method=method, train=dataclasses.replace(CPU, optimizer=optim))
+    model = load_method(recipe)
+    args = TrainingArguments(output_dir=str(tmp_path), optim=optim, use_cpu=True, report_to="none")
+    optimizer = Trainer(model=model, args=args).create_optimizer()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    tracker = PeakBytes(model)
+    with tracker:
+        optimizer.step()
+    state = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+             for s in optimizer.state.values() for k, t in s.items()
+             if torch.is_tensor(t) and t.dim() > 0 and not k.startswith("qmap")}
+    arch = analyze(recipe, load_model_config(recipe.model))
+    assert optimizer_bytes(recipe, arch, "cpu") == (sum(state.values()), 0)
+    if optim != "adamw_bnb_8bit":
+        assert tracker.peak == pytest.approx(sum(state.values()) + step_bytes(recipe, arch, "cpu"), rel=0.02)
 
 
 # ---------------------------------------------------------------- activations
@@ -215,15 +296,13 @@ def test_decoder_block_saves_what_the_plan_says_fp32(tiny_llama):
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_decoder_block_saves_what_the_plan_says_bf16_autocast(tiny_llama, tmp_path, monkeypatch, attention):
-    """The CUDA recipe: bf16 base, fp32 norms and LoRA, bf16 autocast. PEFT asks torch.is_autocast_enabled()
-    (CUDA's flag) whether to cast; answered with CPU autocast's flag here, so the CPU run takes CUDA's path."""
+    """The CUDA recipe: bf16 base, fp32 norms and LoRA, bf16 autocast (see cpu_autocast)."""
     folder = save_variant(tiny_llama, tmp_path, _attn_implementation=attention) if attention == "eager" else tiny_llama
     recipe = make_recipe(folder, lora=LoraRecipe(r=8, dropout=0.0), quantization=BF16)
     model = load_qlora(recipe)
     if attention == "eager":
         model.base_model.model.set_attn_implementation("eager")
-    cpu_flag = torch.is_autocast_enabled
-    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: cpu_flag(*a) if a else cpu_flag("cpu"))
+    cpu_autocast(monkeypatch)
     b, s = recipe.train.micro_batch_size, recipe.train.max_length
     ids, mask = padded_batch(model.config.vocab_size, b, s)
     block = model.base_model.model.model.layers[1]
@@ -235,6 +314,7 @@ def test_decoder_block_saves_what_the_plan_says_bf16_autocast(tiny_llama, tmp_pa
     saved = saved_bytes(model, {"block1": block}, run)
     arch = dataclasses.replace(analyze(recipe, load_model_config(recipe.model)), attention=attention)
     lora_copies = 2 * sum(p.numel() for p in block.parameters() if p.requires_grad)  # autocast's bf16 copies
+    assert 2 * arch.block_cast_params == lora_copies
     expected = b * s * layer_bytes(arch, precision(recipe, arch, "cpu"), recipe, "cpu", s) + lora_copies
     assert saved["block1"] == expected
 
@@ -255,6 +335,71 @@ def test_t5_blocks_save_what_the_plan_says(tiny_t5, tmp_path):
     p = precision(recipe, arch, "cpu")
     assert saved["enc"] == b * s_enc * layer_bytes(arch, p, recipe, "cpu", s_enc, s_enc, "enc")
     assert saved["dec"] == pytest.approx(b * s_dec * layer_bytes(arch, p, recipe, "cpu", s_dec, s_enc, "dec"))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_full_fine_tuning_block_saves_what_the_plan_says(tiny_llama, dtype):
+    """Full fine-tuning: every linear layer saves its input for its weight gradient (under autocast each its own
+    bf16 copy, beside the bf16 copy of its weight), every norm its normalized input; the stream stays fp32."""
+    quantization = QuantizationRecipe(compute_dtype=dtype)
+    recipe = make_recipe(tiny_llama, method=MethodRecipe(kind="full"), quantization=quantization)
+    model = load_method(recipe)
+    b, s = recipe.train.micro_batch_size, recipe.train.max_length
+    ids, mask = padded_batch(model.config.vocab_size, b, s)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            model(input_ids=ids, attention_mask=mask, labels=ids)
+
+    saved = saved_bytes(model, {"block1": model.model.layers[1]}, run)
+    arch = analyze(recipe, load_model_config(recipe.model))
+    p = dataclasses.replace(precision(recipe, arch, "cuda"), mask=4)  # the compute dtype a CUDA run would use
+    copies = 2 * arch.block_cast_params if dtype == "bf16" else 0
+    assert saved["block1"] == b * s * layer_bytes(arch, p, recipe, "cpu", s) + copies
+
+
+def test_full_fine_tuning_t5_blocks_save_what_the_plan_says(tiny_t5):
+    """T5 in fp32: its dropouts, the math attention path, and cross-attention k/v reading the encoder output."""
+    train = dataclasses.replace(CPU, max_source_length=24, max_target_length=8)
+    recipe = make_recipe(tiny_t5, train=train, method=MethodRecipe(kind="full"))
+    model = load_method(recipe)
+    b, s_enc, s_dec = train.micro_batch_size, train.max_source_length, train.max_target_length
+    ids, mask = padded_batch(model.config.vocab_size, b, s_enc)
+    labels = torch.randint(3, model.config.vocab_size, (b, s_dec))
+    blocks = {"enc": model.encoder.block[1], "dec": model.decoder.block[1]}
+    saved = saved_bytes(model, blocks, lambda: model(input_ids=ids, attention_mask=mask, labels=labels))
+    arch = analyze(recipe, load_model_config(recipe.model))
+    p = precision(recipe, arch, "cpu")
+    assert saved["enc"] == b * s_enc * layer_bytes(arch, p, recipe, "cpu", s_enc, s_enc, "enc")
+    assert saved["dec"] == pytest.approx(b * s_dec * layer_bytes(arch, p, recipe, "cpu", s_dec, s_enc, "dec"), rel=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_prompt_tuning_blocks_save_what_the_plan_says(tiny_llama, tiny_t5, family):
+    """A frozen 4-bit base over sequences num_virtual_tokens longer (T5: the encoder's only): LoRA's activations
+    without LoRA's own tensors."""
+    t5, v = family == "t5", 6
+    train = dataclasses.replace(CPU, max_source_length=24, max_target_length=8)
+    method = MethodRecipe(kind="prompt_tuning", num_virtual_tokens=v)
+    recipe = make_recipe(tiny_t5 if t5 else tiny_llama, train=train, method=method)
+    model = load_method(recipe)
+    arch = analyze(recipe, load_model_config(recipe.model))
+    p, b = precision(recipe, arch, "cpu"), train.micro_batch_size
+    base = model.get_base_model()
+    if not t5:
+        s = train.max_length
+        ids, mask = padded_batch(model.config.vocab_size, b, s)
+        run = lambda: model(input_ids=ids, attention_mask=mask, labels=ids)  # noqa: E731
+        saved = saved_bytes(model, {"block1": base.model.layers[1]}, run)
+        assert saved["block1"] == b * (s + v) * layer_bytes(arch, p, recipe, "cpu", s + v)
+        return
+    s_enc, s_dec = train.max_source_length + v, train.max_target_length
+    ids, mask = padded_batch(model.config.vocab_size, b, train.max_source_length)
+    labels = torch.randint(3, model.config.vocab_size, (b, s_dec))
+    blocks = {"enc": base.encoder.block[1], "dec": base.decoder.block[1]}
+    saved = saved_bytes(model, blocks, lambda: model(input_ids=ids, attention_mask=mask, labels=labels))
+    assert saved["enc"] == b * s_enc * layer_bytes(arch, p, recipe, "cpu", s_enc, s_enc, "enc")
+    assert saved["dec"] == pytest.approx(b * s_dec * layer_bytes(arch, p, recipe, "cpu", s_dec, s_enc, "dec"), rel=1e-3)
 
 
 def test_kv_cache_is_fp32_and_matches_generate(tiny_llama):
@@ -312,8 +457,54 @@ def test_training_step_peak_matches_plan(tiny_llama, tiny_t5, tmp_path, family, 
             optimizer.step()
             model.zero_grad(set_to_none=True)
     plan = plan_memory(recipe, load_model_config(recipe.model), device="cpu")
-    resident = sum(plan.components[k] for k in ("weights_4bit", "weights_16bit", "lora_weights"))
+    resident = sum(plan.components[k] for k in ("weights_4bit", "weights_16bit", "trainable_weights"))
     assert (plan.peak_allocated_gib - resident) * 2**30 == pytest.approx(tracker.peak, rel=0.05)
+
+
+@pytest.mark.parametrize("kind, dtype, checkpointing", [
+    ("full", "fp32", False), ("full", "bf16", True), ("prompt_tuning", "fp32", True)])
+def test_method_training_step_peak_matches_plan(tiny_llama, tmp_path, monkeypatch, kind, dtype, checkpointing):
+    """Two optimizer steps of two accumulated micro-batches through TRL's fused head, every allocation tracked:
+    gradients, optimizer state, and the largest moment of the forward, the backward or the step add up to the
+    peak. bf16 runs CPU autocast as the Trainer runs CUDA's: with reentrant checkpointing the forward fills
+    autocast's cache with a bf16 copy of every linear weight, and the peak cannot be explained without it."""
+    from transformers import Trainer, TrainingArguments
+    from trl.trainer.utils import add_fused_lm_head
+
+    folder = save_variant(tiny_llama, tmp_path, **MID_LLAMA)
+    train = TrainRecipe(device="cpu", gradient_checkpointing=checkpointing, micro_batch_size=4, max_length=128)
+    recipe = make_recipe(folder, train=train, method=MethodRecipe(kind=kind, num_virtual_tokens=8),
+                         quantization=QuantizationRecipe(compute_dtype=dtype), eval=EvalRecipe(enabled=False))
+    loaded = load_model(recipe.model, recipe.quantization, recipe.train, recipe.method)
+    add_fused_lm_head(loaded.model, outputs=("log_probs", "entropy", "is_top1"))
+    model = attach_method(loaded, recipe).train()
+    ids, mask = padded_batch(model.config.vocab_size, 4, 128)
+    labels = ids.masked_fill(mask == 0, -100)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "fused_lm_head": True}
+    optimizer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True,
+                                                            report_to="none")).create_optimizer()
+    tracker = PeakBytes(model)
+    with tracker:
+        for _ in range(2):
+            for _ in range(2):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                    loss = model(**batch).loss
+                loss.backward()
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
+    arch = analyze(recipe, load_model_config(recipe.model))
+    p = dataclasses.replace(precision(recipe, arch, "cuda" if dtype == "bf16" else "cpu"), mask=4)
+    transient = train_transient(arch, p, recipe, "cpu")
+    states, _ = optimizer_bytes(recipe, arch, "cpu")
+    planned = 4 * arch.params.trainable + states + max(sum(transient.values()), step_bytes(recipe, arch, "cpu"))
+    assert planned == pytest.approx(tracker.peak, rel=0.03)
+    if dtype == "bf16":
+        assert transient["autocast_copies"] == 2 * arch.cast_params
+        assert planned - transient["autocast_copies"] < 0.96 * tracker.peak
+    else:  # the plan itself, on a CPU: all of it but the weights (PeakBytes leaves parameters out)
+        plan = plan_memory(recipe, load_model_config(recipe.model), device="cpu")
+        weights = sum(plan.components[k] for k in ("weights_4bit", "weights_16bit", "trainable_weights"))
+        assert (plan.peak_allocated_gib - weights) * GIB == pytest.approx(planned)
 
 
 @pytest.mark.parametrize("family", ["llama", "t5"])
@@ -451,6 +642,76 @@ def test_fit_returns_none_when_nothing_fits(llama7b_arch):
     recipe = Recipe(name="t", model=ModelRecipe(name="x"), budget=BudgetRecipe(gpu_memory_gib=3.5))
     assert plan_memory(recipe, config).components["weights_4bit"] < 3.5  # the weights alone would fit
     assert fit_to_budget(recipe, config) is None
+
+
+def plan_7b(config, kind: str, *, budget=None, **train):
+    """A 7B plan in the brief's setting: 1 x 512 tokens, checkpointing, paged 8-bit AdamW, bf16, eval 8 x 128."""
+    settings = dict(max_length=512, micro_batch_size=1, gradient_checkpointing=True, optimizer="paged_adamw_8bit")
+    recipe = Recipe(name="t", model=ModelRecipe(name="x"), method=MethodRecipe(kind=kind), quantization=BF16,
+                    budget=BudgetRecipe(gpu_memory_gib=budget), train=TrainRecipe(**{**settings, **train}))
+    return plan_memory(recipe, config)
+
+
+def test_methods_order_as_practitioners_expect_on_7b(llama7b_arch):
+    config, _ = llama7b_arch
+    peak = {kind: plan_7b(config, kind, budget=24).peak_gib for kind in KINDS}
+    assert peak["full"] > peak["lora"] > peak["qlora"] and peak["prompt_tuning"] < peak["lora"]
+    assert not plan_7b(config, "full", budget=24).fits and plan_7b(config, "qlora", budget=24).fits
+    assert peak["full"] > 60  # 16 bytes a parameter before activations: no single consumer card
+
+
+def test_full_fine_tuning_state_is_the_byte_arithmetic(llama7b_arch):
+    """fp32 weights and gradients, and AdamW's two fp32 moments: 16 bytes a parameter (ZeRO's figure for mixed
+    precision). 8-bit AdamW: 2 bytes with an fp32 absmax per 256, except nn.Embedding weights (the Trainer keeps
+    them 32-bit): 4 + 4 + about 2."""
+    config, _ = llama7b_arch
+    n, embedding = 6_738_415_616, 32000 * 4096  # Llama-2-7B; every tensor's size divides by 256
+
+    def state_bytes(plan):
+        return round(sum(plan.components[k] for k in ("trainable_weights", "gradients", "optimizer")) * GIB)
+
+    assert state_bytes(plan_7b(config, "full", optimizer="adamw_torch")) == 16 * n
+    eight_bit = n - embedding
+    assert state_bytes(plan_7b(config, "full")) == 8 * n + 2 * eight_bit + eight_bit // 32 + 8 * embedding
+    assert 10 < state_bytes(plan_7b(config, "full")) / n < 10.5
+
+
+def test_full_fine_tuning_with_torch_adamw_peaks_in_the_optimizer_step(llama7b_arch):
+    """torch's foreach AdamW makes an fp32 temporary of every decaying weight: 20 bytes a parameter at the step."""
+    config, _ = llama7b_arch
+    plan = plan_7b(config, "full", optimizer="adamw_torch")
+    norms = 65 * 4096  # two per block and the final one: the group that does not decay
+    assert plan.components["optimizer_step"] * GIB == 4 * (6_738_415_616 - norms)
+    assert plan.components["activations"] == plan.components["autocast_copies"] == 0
+    with_8bit = plan_7b(config, "full").components  # bitsandbytes updates in place: the forward's end peaks
+    assert with_8bit["optimizer_step"] == 0 and with_8bit["autocast_copies"] * GIB > 2 * 6e9  # a bf16 copy of it all
+
+
+def test_prompt_tuning_memory_grows_with_virtual_tokens(llama7b_arch):
+    config, _ = llama7b_arch
+
+    def plan(tokens):
+        recipe = Recipe(name="t", model=ModelRecipe(name="x"), quantization=BF16,
+                        method=MethodRecipe(kind="prompt_tuning", num_virtual_tokens=tokens))
+        return phases(recipe, analyze(recipe, config))
+
+    (few, _), (few_eval, _) = plan(20)
+    (many, _), (many_eval, _) = plan(200)
+    assert many["activations"] + many["logits"] > few["activations"] + few["logits"]
+    assert many["trainable_weights"] == 10 * few["trainable_weights"]
+    kv_per_token = 32 * 2 * 8 * 4096 * 4 / GIB  # layers, k and v, eval batch, width, fp32 (a 4-bit base)
+    assert many_eval["kv_cache"] - few_eval["kv_cache"] == pytest.approx(180 * kv_per_token)
+
+
+def test_fit_never_changes_the_method(llama7b_arch):
+    config, _ = llama7b_arch
+    recipe = Recipe(name="t", model=ModelRecipe(name="x"), method=MethodRecipe(kind="full"), quantization=BF16,
+                    budget=BudgetRecipe(gpu_memory_gib=80),
+                    train=TrainRecipe(micro_batch_size=8, max_length=1024, gradient_checkpointing=False))
+    fitted, message = fit_to_budget(recipe, config)
+    assert fitted.method.kind == "full" and fitted.train.gradient_checkpointing and "checkpointing" in message
+    assert plan_memory(fitted, config).fits
+    assert fit_to_budget(dataclasses.replace(recipe, budget=BudgetRecipe(gpu_memory_gib=24)), config) is None
 
 
 def test_config_from_folder_and_errors(tiny_llama, tmp_path):

@@ -26,5 +26,5 @@ def test_quickstart_recipe_trains_the_real_model(tmp_path, monkeypatch):
     losses = [r["loss"] for r in read_metrics(result.run_dir) if "loss" in r and r.get("event") != "end"]
     assert len(losses) == 8
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2  # 4 rows seen four times each: the loss must fall
-    assert (result.train.adapter_dir / "adapter_model.safetensors").is_file()
+    assert (result.train.saved_dir / "adapter_model.safetensors").is_file()
     assert result.total_params > 100_000_000  # the real 135M model, not a stand-in

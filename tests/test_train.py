@@ -34,11 +34,11 @@ def falls(values: list[float]) -> bool:
 def train_directly(recipe):
     """The stages `run` calls, with the model kept so the test can inspect it."""
     recipe.run_dir.mkdir(parents=True)
-    loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train)
+    loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train, recipe.method)
     rows = data_stage.load_splits(recipe.data, recipe.prompt)["train"]
     ds, _ = data_stage.build_examples(rows, loaded.tokenizer, recipe.data, recipe.prompt, recipe.train,
                                       loaded.is_encoder_decoder)
-    model_stage.attach_lora(loaded, recipe.lora, recipe.train)
+    model_stage.attach_method(loaded, recipe)
     return loaded, ds
 
 
@@ -62,8 +62,8 @@ def test_4bit_training_moves_only_lora_weights_and_loss_falls(model_fixture, req
     assert lora and moved == lora  # every adapter weight trained, no base weight touched
     assert falls(losses(recipe.run_dir)), losses(recipe.run_dir)
     assert result.steps == 12
-    assert (result.adapter_dir / "adapter_config.json").is_file()
-    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    assert (result.saved_dir / "adapter_config.json").is_file()
+    assert (result.saved_dir / "adapter_model.safetensors").is_file()
 
 
 def test_encoder_never_sees_the_target(tmp_path, tiny_t5, tiny_data):
@@ -144,7 +144,7 @@ def test_cli_run_end_to_end(tmp_path, tiny_llama, tiny_data, capsys):
     path.write_text(recipe_text(tiny_llama, tiny_data, tmp_path / "runs", name="cli"))
     assert main(["run", str(path), "--set", "train.max_steps=4"]) == 0
     out = capsys.readouterr().out
-    assert "adapter saved to" in out and "trainable" in out
+    assert "trained weights saved to" in out and "trainable" in out
     assert main(["run", str(path)]) == 2  # the run directory now exists
     assert "already exists" in capsys.readouterr().err
 

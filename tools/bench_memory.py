@@ -2,13 +2,14 @@
 
     python tools/bench_memory.py [--json]             # no GPU: planner vs cited figures, error in %
     python tools/bench_memory.py --gpu [--json]       # CUDA: a grid of real steps, one fresh process each
-        [--models smollm2-135m,flan-t5-base] [--grid quick|full]
+        [--models smollm2-135m,flan-t5-base] [--methods qlora,lora,full,prompt_tuning] [--grid quick|full]
     python tools/bench_memory.py --gpu --smoke        # the --gpu code path on CPU with a tiny model (no numbers)
 
 Each --gpu point builds the model from a config dict below with random weights (same memory as real ones), loads
-it with qlora_lite.model (4-bit, fp32 norms, LoRA), runs 3 optimizer steps as the trainers do (TRL's fused LM head
-for decoder-only, the model's own loss for T5, bf16 autocast, the Trainer's optimizer) on a padded batch of
-max_length tokens, then a batched greedy generate(); it reports torch.cuda.max_memory_allocated/reserved.
+it with qlora_lite.model for the point's method (load_model, attach_method), runs 3 optimizer steps of 2
+accumulated micro-batches as the trainers do (TRL's fused LM head for decoder-only, the model's own loss for T5,
+bf16 autocast, the Trainer's optimizer) on a padded batch of max_length tokens, then a batched greedy generate();
+it reports torch.cuda.max_memory_allocated/reserved.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qlora_lite.memory import GIB, analyze, phases  # noqa: E402
 from qlora_lite.recipe import (  # noqa: E402
-    EvalRecipe, LoraRecipe, ModelRecipe, QuantizationRecipe, Recipe, TrainRecipe,
+    EvalRecipe, LoraRecipe, MethodRecipe, ModelRecipe, QuantizationRecipe, Recipe, TrainRecipe,
 )
 
 # config.json values of each model (from their model cards; no hub here). Llama-1 7B (the QLoRA paper's) has
@@ -69,10 +70,11 @@ def make_config(values: dict):
     return AutoConfig.for_model(values.pop("model_type"), **values)
 
 
-def recipe_for(name="bench", *, train=None, lora=None, quant=None, eval_=None) -> Recipe:
+def recipe_for(name="bench", *, train=None, lora=None, quant=None, eval_=None, method=None) -> Recipe:
     return Recipe(name=name, model=ModelRecipe(name="bench"), train=TrainRecipe(**(train or {})),
                   lora=LoraRecipe(**(lora or {})), quantization=QuantizationRecipe(**(quant or {})),
-                  eval=EvalRecipe(**(eval_ if eval_ is not None else {"enabled": False})))
+                  eval=EvalRecipe(**(eval_ if eval_ is not None else {"enabled": False})),
+                  method=MethodRecipe(**(method or {})))
 
 
 def predict(recipe: Recipe, config_values: dict, device: str = "cuda") -> dict:
@@ -92,7 +94,7 @@ class Published:
     what: str
     model: str
     measured: float
-    unit: str  # "MiB", "GiB" (2^30) or "GB" (1e9)
+    unit: str  # "MiB", "GiB" (2^30), "GB" (1e9), or "B/param" (bytes per parameter)
     recipe: dict
     quantity: str  # which planner figure: see QUANTITIES
     note: str
@@ -103,10 +105,17 @@ QUANTITIES = {
     "lora_0.2pct_bf16": lambda p: 0.002 * p["total_params"] * 2 / GIB,
     "train_reserved": lambda p: sum(p["train"].values()) - p["train"]["cuda_context"],
     "train_allocated": lambda p: p["train_allocated"],
+    "full_states": lambda p: sum(p["train"][k] for k in ("trainable_weights", "gradients", "optimizer")),
+    "full_weights": lambda p: p["train"]["trainable_weights"] + p["train"]["autocast_copies"],
+    "optimizer": lambda p: p["train"]["optimizer"],
 }
 UNITS = {"MiB": 2**20, "GiB": 2**30, "GB": 1e9}
 QLORA = "QLoRA paper, arXiv 2305.14314 (7B, batch 1: 567/26/18/5,048 MB)"
 LITGPT = "litgpt config_hub/finetune/README.md (A10G, bf16-true, Alpaca2k)"
+ZERO = "ZeRO paper, arXiv 1910.02054, sec. 3.1 (mixed-precision Adam: 2 + 2 + 12 bytes/param)"
+HF_ANATOMY = "transformers docs, model_memory_anatomy (GPU memory usage: bytes per parameter)"
+FULL = {"method": {"kind": "full"}, "quant": {"compute_dtype": "bf16"},
+        "train": {"micro_batch_size": 1, "max_length": 512}}
 LITGPT_NOTE = ("different stack: litgpt's own model, bf16 LoRA/AdamW state and activations, no checkpointing, "
                "full bf16 logits")
 PUBLISHED = [
@@ -140,6 +149,15 @@ PUBLISHED = [
               {"train": {"micro_batch_size": 1, "max_length": 1304, "gradient_checkpointing": False,
                          "optimizer": "adamw_torch"},
                "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}}, "train_allocated", LITGPT_NOTE),
+    Published(ZERO, "full FT: weights + grads + Adam state", "llama-2-7b", 16, "B/param",
+              {**FULL, "train": {**FULL["train"], "optimizer": "adamw_torch"}}, "full_states",
+              "a rule, not a measurement; our stack keeps fp32 weights and gradients (autocast casts on the fly): "
+              "4 + 4 + 8, the same 16"),
+    Published(HF_ANATOMY, "full FT: weights in mixed precision", "llama-2-7b", 6, "B/param", FULL, "full_weights",
+              "fp32 weights + autocast's cached bf16 copy at the end of the forward; embeddings and norms are never "
+              "cast, TRL casts the LM head tile by tile"),
+    Published(HF_ANATOMY, "full FT: 8-bit AdamW state", "llama-2-7b", 2, "B/param", FULL, "optimizer",
+              "bitsandbytes adds an fp32 absmax per 256 values, and the Trainer keeps nn.Embedding weights 32-bit"),
 ]
 
 
@@ -147,7 +165,8 @@ def published_rows() -> list[dict]:
     rows = []
     for item in PUBLISHED:
         plan = predict(recipe_for(**item.recipe), CONFIGS[item.model])
-        predicted = QUANTITIES[item.quantity](plan) * GIB / UNITS[item.unit]
+        per = plan["total_params"] if item.unit == "B/param" else UNITS[item.unit]
+        predicted = QUANTITIES[item.quantity](plan) * GIB / per
         rows.append({"source": item.source, "what": item.what, "model": item.model, "unit": item.unit,
                      "measured": item.measured, "predicted": round(predicted, 2),
                      "error_pct": round(100 * (predicted - item.measured) / item.measured, 1), "note": item.note})
@@ -166,14 +185,28 @@ def default_rows() -> list[dict]:
     return rows
 
 
+def method_rows() -> list[dict]:
+    """Each method on the 7B configs: 1 x 512 tokens, checkpointing, paged 8-bit AdamW, bf16, eval 8 x (512 + 128)."""
+    rows = []
+    for name in ("llama-2-7b", "qwen2.5-7b"):
+        for kind in ("qlora", "lora", "prompt_tuning", "full"):
+            plan = predict(recipe_for(eval_={}, method={"kind": kind}, quant={"compute_dtype": "bf16"},
+                                      train={"micro_batch_size": 1, "max_length": 512}), CONFIGS[name])
+            train_gib, eval_gib = sum(plan["train"].values()), sum(plan["eval"].values())
+            rows.append({"model": name, "method": kind, "trainable": plan["trainable"],
+                         "train_gib": round(train_gib, 2), "eval_gib": round(eval_gib, 2),
+                         "peak_gib": round(max(train_gib, eval_gib), 2)})
+    return rows
+
+
 # ---------------------------------------------------------------- real steps on a GPU
 
 
-def grid(models: list[str], size: str) -> list[dict]:
+def grid(models: list[str], methods: list[str], size: str) -> list[dict]:
     lengths, batches, ranks = ((256, 1024), (1, 4), (16,)) if size == "quick" else \
         ((256, 1024, 2048), (1, 4, 8), (16, 64))
-    return [{"model": m, "max_length": s, "micro_batch_size": b, "r": r, "gradient_checkpointing": ckpt}
-            for m in models for s in lengths for b in batches for r in ranks for ckpt in (True, False)]
+    return [{"model": m, "method": k, "max_length": s, "micro_batch_size": b, "r": r, "gradient_checkpointing": ckpt}
+            for m in models for k in methods for s in lengths for b in batches for r in ranks for ckpt in (True, False)]
 
 
 def point_recipe(point: dict, device: str) -> Recipe:
@@ -182,13 +215,14 @@ def point_recipe(point: dict, device: str) -> Recipe:
                else {"max_length": point["max_length"]})
     return recipe_for(train={"micro_batch_size": point["micro_batch_size"], "device": device,
                              "gradient_checkpointing": point["gradient_checkpointing"], **lengths},
-                      lora={"r": point["r"], "alpha": 2 * point["r"]}, eval_={"batch_size": 4, "max_new_tokens": 32})
+                      lora={"r": point["r"], "alpha": 2 * point["r"]}, eval_={"batch_size": 4, "max_new_tokens": 32},
+                      method={"kind": point.get("method", "qlora")})
 
 
-def run_gpu(models: list[str], size: str, smoke: bool) -> list[dict]:
+def run_gpu(models: list[str], methods: list[str], size: str, smoke: bool) -> list[dict]:
     rows, cache = [], Path(tempfile.mkdtemp(prefix="bench-memory-"))
-    points = [{"model": m, "max_length": 64, "micro_batch_size": 2, "r": 8, "gradient_checkpointing": ckpt}
-              for m in SMOKE for ckpt in (True, False)] if smoke else grid(models, size)
+    points = [{"model": m, "method": k, "max_length": 64, "micro_batch_size": 2, "r": 8, "gradient_checkpointing": ckpt}
+              for m in SMOKE for k in methods for ckpt in (True, False)] if smoke else grid(models, methods, size)
     for point in points:
         job = {**point, "cache": str(cache), "device": "cpu" if smoke else "cuda"}
         done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
@@ -200,9 +234,10 @@ def run_gpu(models: list[str], size: str, smoke: bool) -> list[dict]:
         measured = json.loads(lines[-1])
         plan = predict(point_recipe(point, job["device"]), MODELS[point["model"]], job["device"])
         reserve = plan["train"]["allocator_reserve"]
+        base_copy = plan["eval"]["weights_16bit"] if point["method"] == "full" else 0.0  # the worker reloads none
         predicted = {"train_alloc": plan["train_allocated"], "train_reserved": plan["train_allocated"] + reserve,
-                     "eval_alloc": plan["eval_allocated"],
-                     "eval_reserved": plan["eval_allocated"] + plan["eval"]["allocator_reserve"]}
+                     "eval_alloc": plan["eval_allocated"] - base_copy,
+                     "eval_reserved": plan["eval_allocated"] - base_copy + plan["eval"]["allocator_reserve"]}
         row = {**point, "load_reserved_meas": round(measured["load_reserved"], 3)}
         for key, value in predicted.items():
             row[f"{key}_pred"], row[f"{key}_meas"] = round(value, 3), round(measured[key], 3)
@@ -215,14 +250,14 @@ def worker(job: dict) -> dict:
     """One grid point in a fresh process: build, load, 3 training steps, one generate(); peaks in GiB."""
     import torch
 
-    from qlora_lite.model import attach_lora, load_model
+    from qlora_lite.model import attach_method, load_model
 
     device = job["device"]
     recipe = point_recipe(job, device)
     folder = save_random_model(job["model"], Path(job["cache"]), device)
     recipe = dataclasses.replace(recipe, model=ModelRecipe(name=str(folder)))
-    loaded = load_model(recipe.model, recipe.quantization, recipe.train)
-    model = attach_lora(loaded, recipe.lora, recipe.train).train()
+    loaded = load_model(recipe.model, recipe.quantization, recipe.train, recipe.method)
+    model = attach_method(loaded, recipe).train()
     autocast = torch.autocast(device, dtype=loaded.compute_dtype, enabled=loaded.compute_dtype != torch.float32)
     optimizer, loss_fn = make_optimizer(model, device), make_loss(loaded)
     batch = padded_batch(loaded, recipe, device)
@@ -231,9 +266,10 @@ def worker(job: dict) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     for _ in range(3):
-        with autocast:
-            loss = loss_fn(model, batch)
-        loss.backward()
+        for _ in range(2):  # accumulated micro-batches: the second one's forward runs beside the first's gradients
+            with autocast:
+                loss = loss_fn(model, batch)
+            loss.backward()
         optimizer.step()
         model.zero_grad(set_to_none=True)
     result = peaks("train", device)
@@ -301,7 +337,8 @@ def make_loss(loaded):
         return lambda model, batch: model(**batch).loss
     from trl.trainer.utils import add_fused_lm_head
 
-    add_fused_lm_head(loaded.model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
+    base = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+    add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))
     return lambda model, batch: model(**batch, fused_lm_head=True).loss
 
 
@@ -336,6 +373,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu", action="store_true", help="run the grid of real training steps (needs CUDA)")
     ap.add_argument("--smoke", action="store_true", help="with --gpu: one tiny point on CPU, to test the code path")
     ap.add_argument("--models", default="smollm2-135m,flan-t5-base", help=f"for --gpu, among {', '.join(CONFIGS)}")
+    ap.add_argument("--methods", default="qlora", help="for --gpu, among qlora, lora, full, prompt_tuning")
     ap.add_argument("--grid", choices=("quick", "full"), default="quick")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -343,15 +381,15 @@ def main(argv=None) -> int:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     if args.gpu:
-        rows = run_gpu(args.models.split(","), args.grid, args.smoke)
-        columns = ["model", "max_length", "micro_batch_size", "r", "gradient_checkpointing"] + [
+        rows = run_gpu(args.models.split(","), args.methods.split(","), args.grid, args.smoke)
+        columns = ["model", "method", "max_length", "micro_batch_size", "r", "gradient_checkpointing"] + [
             f"{k}_{s}" for k in ("train_alloc", "train_reserved", "eval_alloc", "eval_reserved")
             for s in ("pred", "meas", "err_pct")] + ["load_reserved_meas", "error"]
         print(json.dumps(rows, indent=1)) if args.json else print_table(rows, columns)
         return 0
-    published, defaults = published_rows(), default_rows()
+    published, defaults, methods = published_rows(), default_rows(), method_rows()
     if args.json:
-        print(json.dumps({"published": published, "defaults": defaults}, indent=1))
+        print(json.dumps({"published": published, "defaults": defaults, "methods": methods}, indent=1))
         return 0
     print("Planner vs published measurements (error = predicted vs measured)\n")
     print_table(published, ["model", "what", "unit", "measured", "predicted", "error_pct", "source"])
@@ -360,6 +398,8 @@ def main(argv=None) -> int:
         print(f"  {r['model']}, {r['what']}: {r['note']}")
     print("\nPlanner on recipe defaults (r16 all-linear, micro-batch 4 x 512, checkpointing, eval 8 x (512 + 128))\n")
     print_table(defaults, ["model", "total_params", "trainable", "train_gib", "eval_gib", "kv_cache_gib"])
+    print("\nPlanner per method (1 x 512 tokens, checkpointing, paged 8-bit AdamW, bf16, eval 8 x (512 + 128))\n")
+    print_table(methods, ["model", "method", "trainable", "train_gib", "eval_gib", "peak_gib"])
     return 0
 
 

@@ -1,0 +1,216 @@
+"""Compare fine-tuning methods on one recipe: the same data, seed, steps and evaluation, one run per method.
+
+`compare(recipe, methods)` runs `run.run` once per method into <output.dir>/<name>-compare/<method>/ and then
+summarizes those run directories from their files alone (result.json, memory_report.json, eval.json and the
+saved weights), so a comparison can be continued (`resume`) or re-rendered without training again. Outputs:
+comparison.json, comparison.md and comparison.png beside the runs.
+
+Only the learning rate differs between methods, because one rate cannot suit all: full fine-tuning diverges at a
+LoRA rate and prompt tuning barely moves at it. Each method trains at the recipe's rate times LR_SCALE, which
+follows common practice (LoRA 1e-4..6e-4, full fine-tuning ~10x lower, prompt tuning 1e-2..3e-1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+from qlora_lite import run as run_stage
+from qlora_lite import train as train_stage
+from qlora_lite.errors import BudgetError, UserError
+from qlora_lite.recipe import Recipe
+
+METHODS = ("qlora", "lora", "full", "prompt_tuning")
+LR_SCALE = {"qlora": 1.0, "lora": 1.0, "full": 0.1, "prompt_tuning": 50.0}
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+def parse_methods(text: str | None) -> list[str]:
+    """"qlora,full" -> ["qlora", "full"]; None or "all" -> every method. Unknown names are a UserError."""
+    if text is None or text == "all":
+        return list(METHODS)
+    chosen = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown or not chosen:
+        raise UserError(f"--methods: unknown method {', '.join(unknown) or '(none given)'}; "
+                        f"choose from {', '.join(METHODS)} (comma-separated) or all")
+    return list(dict.fromkeys(chosen))
+
+
+def compare_dir(recipe: Recipe) -> Path:
+    return Path(recipe.output.dir) / f"{recipe.name}-compare"
+
+
+def method_recipe(recipe: Recipe, kind: str) -> Recipe:
+    """The recipe as `kind` trains it: own run directory, scaled learning rate, no merged export (it is not
+    compared, and merging a 7B copy per method would cost minutes and gigabytes)."""
+    return dataclasses.replace(
+        recipe,
+        name=kind,
+        method=dataclasses.replace(recipe.method, kind=kind),
+        quantization=dataclasses.replace(recipe.quantization, load_in_4bit=True) if kind == "qlora"
+        else recipe.quantization,
+        train=dataclasses.replace(recipe.train, learning_rate=recipe.train.learning_rate * LR_SCALE[kind]),
+        export=dataclasses.replace(recipe.export, merge=False),
+        output=dataclasses.replace(recipe.output, dir=str(compare_dir(recipe))),
+    )
+
+
+def compare(recipe: Recipe, methods: list[str], *, resume: bool = False,
+            notify: Callable[[str, object], None] = lambda e, p: None) -> dict:
+    """Run each method (skipping, with `resume`, those already finished) and write the comparison files."""
+    out = compare_dir(recipe)
+    if out.exists() and not resume:
+        raise UserError(f"{out} already exists; continue that comparison with --resume (finished methods are kept), "
+                        f"or choose a new name (--set name=NEW_NAME)")
+    if not recipe.eval.enabled:
+        raise UserError("compare scores each method with ROUGE: set [eval] enabled = true")
+    refused = {}
+    for kind in methods:
+        sub = method_recipe(recipe, kind)
+        if finished(sub.run_dir):
+            notify("method_skipped", {"method": kind, "run_dir": sub.run_dir})
+            continue
+        notify("method", {"method": kind, "learning_rate": sub.train.learning_rate, "run_dir": sub.run_dir})
+        started = sub.run_dir.exists() and train_stage.last_checkpoint(sub.run_dir) is not None
+        try:
+            run_stage.run(sub, resume=started, notify=notify)
+        except BudgetError as e:  # e.g. full fine-tuning over the budget: that is a result, not a failure
+            refused[kind] = str(e)
+            notify("method_refused", {"method": kind, "reason": str(e)})
+    comparison = {
+        "recipe": recipe.name,
+        "methods": {kind: summarize(out / kind) for kind in methods if kind not in refused},
+        "refused": refused,
+    }
+    write_comparison(out, comparison)
+    return comparison
+
+
+def finished(run_dir: Path) -> bool:
+    return (run_dir / "result.json").is_file() and (run_dir / "eval.json").is_file()
+
+
+def summarize(run_dir: Path) -> dict:
+    """One method's row, read from its run directory."""
+    result = json.loads((run_dir / "result.json").read_text())
+    memory = json.loads((run_dir / "memory_report.json").read_text())
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    measured = memory["measured"]
+    forgetting = evaluation.get("forgetting") or {}
+    return {
+        "run_dir": str(run_dir),
+        "learning_rate": result["learning_rate"],
+        "trainable_params": result["trainable_params"],
+        "total_params": result["total_params"],
+        "trainable_pct": 100 * result["trainable_params"] / result["total_params"],
+        "peak_gib": memory["peak_gib"],  # measured on a GPU, else predicted (peak_source says which)
+        "peak_source": memory["peak_source"],
+        "predicted_peak_gib": memory["predicted"]["peak_gib"],
+        "measured_peak_gib": measured.get("process_peak_gib") or measured.get("device_peak_gib")
+        or measured.get("peak_reserved_gib"),
+        "cpu_rss_peak_gib": measured.get("rss_peak_gib"),
+        "seconds_per_step": result["train_seconds"] / max(result["steps"], 1),
+        "tokens_per_s": result["tokens_per_s"],
+        "stored": result["saved_dir"],
+        "stored_bytes": stored_bytes(Path(result["saved_dir"])),
+        "first_loss": result["first_loss"],
+        "last_loss": result["last_loss"],
+        **{key: evaluation["tuned"][key] for key in ROUGE_KEYS},
+        "base": {key: evaluation["base"][key] for key in ROUGE_KEYS},
+        "rougeL_gain": evaluation["tuned"]["rougeL"] - evaluation["base"]["rougeL"],
+        "forgetting_loss_change": forgetting.get("loss_change"),
+        "forgetting_perplexity_change_pct": forgetting.get("perplexity_change_pct"),
+    }
+
+
+def stored_bytes(folder: Path) -> int:
+    """What must be kept per task: the adapter's weights, or the whole fine-tuned model's."""
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+# ---------------------------------------------------------------- files
+
+
+def write_comparison(out: Path, comparison: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
+    png = out / "comparison.png"
+    plot_comparison(png, comparison["methods"])
+    (out / "comparison.md").write_text(markdown(comparison, png.name))
+
+
+def table_rows(methods: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows shared by comparison.md and the CLI's rich table."""
+    header = ["method", "trainable", "peak predicted", "peak measured", "s/step", "tokens/s", "stored per task",
+              "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum", "ROUGE-L vs base", "forgetting"]
+    rows = []
+    for kind, m in methods.items():
+        measured = (f"{m['measured_peak_gib']:.2f} GiB" if m["measured_peak_gib"] is not None
+                    else f"CPU RSS {m['cpu_rss_peak_gib']:.2f} GiB" if m["cpu_rss_peak_gib"] is not None else "-")
+        forgetting = ("-" if m["forgetting_perplexity_change_pct"] is None
+                      else f"{m['forgetting_perplexity_change_pct']:+.1f}% ppl")
+        rows.append([
+            kind, f"{m['trainable_params']:,} ({m['trainable_pct']:.2f}%)", f"{m['predicted_peak_gib']:.2f} GiB",
+            measured, f"{m['seconds_per_step']:.2f}", f"{m['tokens_per_s']:,.0f}", human_bytes(m["stored_bytes"]),
+            *(f"{100 * m[k]:.2f}" for k in ROUGE_KEYS), f"{100 * m['rougeL_gain']:+.2f}", forgetting,
+        ])
+    return header, rows
+
+
+def markdown(comparison: dict, png: str) -> str:
+    header, rows = table_rows(comparison["methods"])
+    lines = [
+        f"# Method comparison: {comparison['recipe']}", "",
+        "Same data, seed, steps and evaluation for every method; learning rate = the recipe's x "
+        + ", ".join(f"{k} {LR_SCALE[k]:g}" for k in comparison["methods"]) + ". "
+        "Peak predicted: the planner's figure for a CUDA GPU. Peak measured: the GPU's, or the process RSS when "
+        "trained on CPU (not comparable with a GPU figure). ROUGE in percent on the tuned model; "
+        "forgetting: change in perplexity on general text (needs [eval] forgetting).", "",
+        "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows), "",
+        *(f"- **{kind}** did not run: {reason}" for kind, reason in comparison["refused"].items()),
+        "", f"![comparison]({png})", "",
+    ]
+    return "\n".join(lines)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def plot_comparison(path: Path, methods: dict) -> None:
+    """Four panels: trainable share, peak memory, time per step, ROUGE-L base vs tuned."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(methods)
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6))
+    panels = [
+        (axes[0][0], "trainable parameters (%)", {"trainable": [methods[k]["trainable_pct"] for k in kinds]}),
+        (axes[0][1], "predicted GPU peak (GiB)", {"predicted": [methods[k]["predicted_peak_gib"] for k in kinds]}),
+        (axes[1][0], "seconds per step", {"train": [methods[k]["seconds_per_step"] for k in kinds]}),
+        (axes[1][1], "ROUGE-L (%)", {"base": [100 * methods[k]["base"]["rougeL"] for k in kinds],
+                                     "tuned": [100 * methods[k]["rougeL"] for k in kinds]}),
+    ]
+    for ax, title, groups in panels:
+        width = 0.8 / len(groups)
+        for i, (label, values) in enumerate(groups.items()):
+            ax.bar([x + (i - (len(groups) - 1) / 2) * width for x in range(len(kinds))], values, width, label=label)
+        ax.set_xticks(range(len(kinds)), kinds)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        if len(groups) > 1:
+            ax.legend(fontsize=8)
+    axes[0][0].set_yscale("log")  # 0.01% next to 100%
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
