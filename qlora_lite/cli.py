@@ -36,7 +36,7 @@ def quiet_libraries(debug: bool) -> None:
     import transformers
 
     transformers.logging.disable_progress_bar()
-    for name in ("bitsandbytes", "transformers", "datasets", "peft", "trl", "accelerate", "torch"):
+    for name in ("bitsandbytes", "transformers", "datasets", "peft", "trl", "accelerate", "torch", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -211,18 +211,26 @@ def methods_plan_table(plans: dict, name: str) -> Table:
     table = Table(title=f"memory plan by method: {name} (GiB, peak phase of each)", title_justify="left")
     table.add_column("component")
     for kind in plans:
-        table.add_column(kind, justify="right")
+        table.add_column(kind, justify="right", min_width=len(kind))
     components = list(dict.fromkeys(c for p in plans.values() for c in p.components))
     for component in components:
         table.add_row(component.replace("_", " "), *(f"{p.components.get(component, 0.0):.3f}" for p in plans.values()))
     table.add_row("[bold]peak on the device[/]", *(f"[bold]{p.peak_gib:.3f}[/]" for p in plans.values()))
     table.add_row("trainable parameters",
-                  *(f"{p.trainable_params:,} ({100 * p.trainable_params / p.total_params:.2f}%)" for p in plans.values()))
+                  *(f"{count(p.trainable_params)} ({100 * p.trainable_params / p.total_params:.2f}%)"
+                    for p in plans.values()))
     budgets = {p.budget_gib for p in plans.values()}
     if budgets != {None}:
         table.add_row(f"fits {budgets.pop():g} GiB?",
                       *("[green]yes[/]" if p.fits else "[red]no[/]" for p in plans.values()))
     return table
+
+
+def count(n: int) -> str:
+    """12,345 / 40.4M / 7.62B: parameter counts that fit a narrow column."""
+    if n < 10**6:
+        return f"{n:,}"
+    return f"{n / 1e6:.1f}M" if n < 10**9 else f"{n / 1e9:.2f}B"
 
 
 def cmd_compare(args) -> int:

@@ -181,22 +181,30 @@ def test_weight_bytes_equal_storage(tiny_llama, double_quant):
 OPTIMIZERS = ["adamw_torch", "paged_adamw_8bit", "adamw_bnb_8bit", "paged_adamw_32bit", "adafactor"]
 
 
-@pytest.mark.parametrize("optim", OPTIMIZERS)
-def test_optimizer_bytes_equal_state_after_a_step(tiny_llama, tmp_path, optim):
-    """r=32 makes the MLP's LoRA matrices pass bitsandbytes' 4096-element threshold for 8-bit state."""
+def optimizer_state_after_a_step(model, optim: str, tmp_path):
+    """({storage: bytes} of the optimizer's state after one step on random gradients, the step's PeakBytes)."""
     from transformers import Trainer, TrainingArguments
 
-    recipe = make_recipe(tiny_llama, lora=LoraRecipe(r=32), train=dataclasses.replace(CPU, optimizer=optim))
-    model = load_qlora(recipe)
     args = TrainingArguments(output_dir=str(tmp_path), optim=optim, use_cpu=True, report_to="none")
     optimizer = Trainer(model=model, args=args).create_optimizer()
     for p in model.parameters():
         if p.requires_grad:
             p.grad = torch.randn_like(p)
-    optimizer.step()
+    tracker = PeakBytes(model)
+    with tracker:
+        optimizer.step()
     state = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
              for s in optimizer.state.values() for k, t in s.items()
              if torch.is_tensor(t) and t.dim() > 0 and not k.startswith("qmap")}  # qmaps: one shared 2 KiB table
+    return state, tracker
+
+
+@pytest.mark.parametrize("optim", OPTIMIZERS)
+def test_optimizer_bytes_equal_state_after_a_step(tiny_llama, tmp_path, optim):
+    """r=32 makes the MLP's LoRA matrices pass bitsandbytes' 4096-element threshold for 8-bit state."""
+    recipe = make_recipe(tiny_llama, lora=LoraRecipe(r=32), train=dataclasses.replace(CPU, optimizer=optim))
+    model = load_qlora(recipe)
+    state, _ = optimizer_state_after_a_step(model, optim, tmp_path)
     arch = analyze(recipe, load_model_config(recipe.model))
     assert optimizer_bytes(recipe, arch, "cpu") == (sum(state.values()), 0)
     assert len({n < 4096 for s in arch.trainable_shapes for n in [math.prod(s)]}) == 2  # both regimes present
@@ -258,22 +266,10 @@ def test_optimizer_state_and_step_temporaries_for_full_and_prompt_tuning(tiny_ll
     """Every weight's state, or the soft prompt's. The Trainer gives nn.Embedding weights 32-bit state under 8-bit
     optimizers: the input embeddings here (400 x 64) and the prompt (80 x 64), both over bitsandbytes' 4096-element
     threshold. The step's own temporaries are tracked too (bitsandbytes' CPU fallback is no guide to CUDA's)."""
-    from transformers import Trainer, TrainingArguments
-
     method = MethodRecipe(kind=kind, num_virtual_tokens=80)
     recipe = make_recipe(tiny_llama, method=method, train=dataclasses.replace(CPU, optimizer=optim))
     model = load_method(recipe)
-    args = TrainingArguments(output_dir=str(tmp_path), optim=optim, use_cpu=True, report_to="none")
-    optimizer = Trainer(model=model, args=args).create_optimizer()
-    for p in model.parameters():
-        if p.requires_grad:
-            p.grad = torch.randn_like(p)
-    tracker = PeakBytes(model)
-    with tracker:
-        optimizer.step()
-    state = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-             for s in optimizer.state.values() for k, t in s.items()
-             if torch.is_tensor(t) and t.dim() > 0 and not k.startswith("qmap")}
+    state, tracker = optimizer_state_after_a_step(model, optim, tmp_path)
     arch = analyze(recipe, load_model_config(recipe.model))
     assert optimizer_bytes(recipe, arch, "cpu") == (sum(state.values()), 0)
     if optim != "adamw_bnb_8bit":

@@ -143,3 +143,20 @@ def test_compare_rejects_unknown_methods():
     with pytest.raises(UserError, match="unknown method qlora2"):
         compare_stage.parse_methods("qlora,qlora2")
     assert compare_stage.parse_methods("all") == list(compare_stage.METHODS)
+
+
+def test_plan_method_shows_each_method_side_by_side(tmp_path, tiny_llama, tiny_data, capsys):
+    path = tmp_path / "p.toml"
+    path.write_text(recipe_text(tiny_llama, tiny_data, tmp_path / "runs", name="p"))
+    assert main(["plan", str(path), "--method", "qlora,full", "--json"]) == 0
+    plans = json.loads(capsys.readouterr().out)["methods"]
+    assert plans["full"]["trainable_params"] == plans["full"]["total_params"]
+    assert plans["full"]["peak_gib"] > plans["qlora"]["peak_gib"]
+    # A budget between the two: QLoRA fits, full fine-tuning does not, and the table says so.
+    budget = (plans["full"]["peak_gib"] + plans["qlora"]["peak_gib"]) / 2
+    assert main(["plan", str(path), "--method", "all", "--set", f"budget.gpu_memory_gib={budget}"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan by method" in out and "prompt_tuning" in out
+    fits_row = next(line for line in out.splitlines() if "fits" in line).split("│")
+    assert [cell.strip() for cell in fits_row[2:6]] == ["yes", "yes", "no", "yes"]  # qlora, lora, full, prompt
+    assert main(["plan", str(path), "--method", "full", "--set", f"budget.gpu_memory_gib={budget}"]) == 3
