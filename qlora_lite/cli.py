@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
+import threading
 import warnings
+from urllib.parse import urlparse
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -40,9 +43,40 @@ def quiet_libraries(debug: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def work_offline_without_network(timeout: float = 2.0) -> bool:
+    """Set HF_HUB_OFFLINE=1 when the hub's host does not even resolve; returns whether it did.
+
+    Without a network, huggingface_hub retries every lookup five times (~23 s) before the cache is asked, so an
+    offline user waited half a minute for "model not found". One DNS lookup (milliseconds) decides it up front;
+    local folders and the hub cache keep working. Must run before transformers or datasets are imported.
+    """
+    if os.environ.get("HF_HUB_OFFLINE") or any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return False  # the user decided, or a proxy resolves names for us
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    found: list = []
+    lookup = threading.Thread(target=_resolves, args=(host, found), daemon=True)
+    lookup.start()
+    lookup.join(timeout)
+    if found:
+        return False
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return True
+
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _resolves(host: str, found: list) -> None:
+    try:
+        found.append(socket.getaddrinfo(host, 443))
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    work_offline_without_network()
     quiet_libraries(args.debug)
     try:
         return args.func(args)
@@ -173,7 +207,7 @@ def cmd_plan(args) -> int:
     if args.method is not None:
         from qlora_lite.compare import parse_methods
 
-        return plan_methods(recipe, config, parse_methods(args.method), args.json)
+        return plan_methods(recipe, config, parse_methods(args.method, "--method"), args.json)
     plan = memory.plan_memory(recipe, config)
     if args.json:
         print(json.dumps(plan.to_json(), indent=2))
@@ -273,9 +307,10 @@ def plan_table(plan, name: str) -> Table:
 
 def cmd_run(args) -> int:
     from qlora_lite.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: a recipe error answers at once
     from qlora_lite.run import run
 
-    recipe = load_recipe(args.recipe, args.overrides)
     with TrainingView() as view:
         result = run(recipe, resume=args.resume, notify=view.notify)
     console.print(

@@ -27,14 +27,14 @@ LR_SCALE = {"qlora": 1.0, "lora": 1.0, "full": 0.1, "prompt_tuning": 50.0}
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
-def parse_methods(text: str | None) -> list[str]:
+def parse_methods(text: str | None, flag: str = "--methods") -> list[str]:
     """"qlora,full" -> ["qlora", "full"]; None or "all" -> every method. Unknown names are a UserError."""
     if text is None or text == "all":
         return list(METHODS)
     chosen = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in METHODS]
     if unknown or not chosen:
-        raise UserError(f"--methods: unknown method {', '.join(unknown) or '(none given)'}; "
+        raise UserError(f"{flag}: unknown method {', '.join(unknown) or '(none given)'}; "
                         f"choose from {', '.join(METHODS)} (comma-separated) or all")
     return list(dict.fromkeys(chosen))
 

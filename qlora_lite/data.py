@@ -34,10 +34,11 @@ class DataStats:
 # ---------------------------------------------------------------- loading rows
 
 
-def load_splits(data: DataRecipe, prompt: PromptRecipe) -> dict:
-    """{"train": Dataset, "eval": Dataset?, "test": Dataset?}, each checked for the columns the recipe uses."""
+def load_splits(data: DataRecipe, prompt: PromptRecipe, names: tuple[str, ...] = ("train", "eval", "test")) -> dict:
+    """{"train": Dataset, "eval": Dataset?, "test": Dataset?} (those of `names` the recipe sets), each checked for
+    the columns the recipe uses."""
     splits = {}
-    for split in ("train", "eval", "test"):
+    for split in names:
         where = getattr(data, split)
         if where is not None:
             splits[split] = _load_one(data, split, where)
@@ -52,7 +53,7 @@ def load_splits(data: DataRecipe, prompt: PromptRecipe) -> dict:
             )
         if len(rows) == 0:
             raise UserError(f"data.{split} ({getattr(data, split)}): has no rows")
-    if data.max_train_samples is not None:
+    if data.max_train_samples is not None and "train" in splits:
         splits["train"] = splits["train"].select(range(min(data.max_train_samples, len(splits["train"]))))
     return splits
 

@@ -127,7 +127,7 @@ def held_out_rows(recipe: Recipe, split: str | None = None) -> tuple[str, list[d
         split = "eval"
     if getattr(recipe.data, split) is None:
         raise UserError("evaluation needs a held-out split: set data.test or data.eval in the recipe")
-    rows = data_stage.load_splits(recipe.data, recipe.prompt)[split]
+    rows = data_stage.load_splits(recipe.data, recipe.prompt, names=(split,))[split]
     columns = (recipe.data.input_column, recipe.data.target_column)
     kept = [row for row in rows if all(str(row[c] or "").strip() for c in columns)]
     return split, kept[: recipe.eval.max_samples]

@@ -119,9 +119,17 @@ def memory_section(run_dir: Path) -> list[str]:
     if not path.is_file():
         return ["No memory_report.json in the run directory."]
     memory = json.loads(path.read_text())
-    found = [f"{label} {memory[key]:.2f} GiB" for key, label in (("peak_gib", "peak"), ("budget_gib", "budget"))
-             if isinstance(memory.get(key), (int, float))]
-    return [", ".join(found) + "." if found else "memory_report.json has no peak_gib or budget_gib."]
+    found = []
+    if isinstance(memory.get("peak_gib"), (int, float)):
+        found.append(f"peak {memory['peak_gib']:.2f} GiB ({memory.get('peak_source', 'measured')})")
+    if isinstance(rss := memory.get("measured", {}).get("rss_peak_gib"), (int, float)):
+        found.append(f"process RSS {rss:.2f} GiB (host memory)")
+    if isinstance(memory.get("budget_gib"), (int, float)):
+        found.append(f"budget {memory['budget_gib']:.2f} GiB, headroom {memory.get('headroom_gib') or 0:.2f} GiB")
+    if not found:
+        return ["memory_report.json has no peak_gib or budget_gib."]
+    return [", ".join(found) + ".", "", *[f"Not measured: {m}." for m in memory.get("missing", [])],
+            "", "Per component, predicted vs measured: memory_report.md."]
 
 
 def samples_section(run_dir: Path) -> list[str]:

@@ -138,7 +138,8 @@ def build_trainer(loaded: LoadedModel, train_ds, eval_ds, train: TrainRecipe, ru
         )
     from trl import SFTConfig, SFTTrainer
 
-    return SFTTrainer(
+    dtypes = {name: p.dtype for name, p in loaded.model.named_parameters() if p.requires_grad}
+    trainer = SFTTrainer(
         model=loaded.model,
         # Examples arrive tokenized with labels; TRL must not re-tokenize, truncate or re-mask them.
         args=SFTConfig(**common, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, packing=False),
@@ -147,6 +148,13 @@ def build_trainer(loaded: LoadedModel, train_ds, eval_ds, train: TrainRecipe, ru
         processing_class=loaded.tokenizer,
         callbacks=callbacks,
     )
+    # TRL casts the adapter of any 4-bit model to bf16, whatever the device: bf16 matmuls on CPU (~15x slower),
+    # bf16 weights on fp16-only GPUs, and updates rounded to 8 bits of mantissa. Keep PEFT's fp32 adapter, the
+    # dtype the LoRA path trains in and the planner counts; autocast still computes in the compute dtype.
+    for name, param in loaded.model.named_parameters():
+        if name in dtypes and param.dtype != dtypes[name]:
+            param.data = param.data.to(dtypes[name])
+    return trainer
 
 
 def train(

@@ -1,6 +1,7 @@
 """The whole job through the command line: run with evaluation and merge, then eval, merge and report on it."""
 
 import json
+import os
 
 from conftest import recipe_text
 from qlora_lite.cli import main
@@ -34,3 +35,18 @@ def test_eval_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["eval", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "not a run directory" in err and "Traceback" not in err
+
+
+def test_no_route_to_the_hub_means_offline_mode_at_once(monkeypatch):
+    """Without this, every hub lookup retried for ~23 s before an offline user saw "model not found"."""
+    from qlora_lite.cli import PROXY_VARIABLES, work_offline_without_network
+
+    for name in ("HF_HUB_OFFLINE", *PROXY_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://localhost")  # resolves: stay online
+    assert not work_offline_without_network() and "HF_HUB_OFFLINE" not in os.environ
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.invalid")  # .invalid never resolves (RFC 2606)
+    assert work_offline_without_network() and os.environ["HF_HUB_OFFLINE"] == "1"
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.invalid:3128")  # a proxy resolves names: leave it
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert not work_offline_without_network()

@@ -143,6 +143,8 @@ def test_compare_rejects_unknown_methods():
     with pytest.raises(UserError, match="unknown method qlora2"):
         compare_stage.parse_methods("qlora,qlora2")
     assert compare_stage.parse_methods("all") == list(compare_stage.METHODS)
+    with pytest.raises(UserError, match="^--method: unknown method bar"):  # plan's flag is singular
+        compare_stage.parse_methods("bar", "--method")
 
 
 def test_plan_method_shows_each_method_side_by_side(tmp_path, tiny_llama, tiny_data, capsys):

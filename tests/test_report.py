@@ -34,7 +34,9 @@ def test_report_with_every_piece(tmp_path, tiny_llama, tiny_data):
     examples = "".join(f"## Example {i}\n\n**Reference:** ref {i}\n\n**Base:** b\n\n**Tuned:** t {i}\n\n"
                        for i in range(1, 6))
     (run_dir / "samples.md").write_text("# Samples\n\n" + examples)
-    (run_dir / "memory_report.json").write_text(json.dumps({"peak_gib": 3.25, "budget_gib": 12.0, "other": 1}))
+    (run_dir / "memory_report.json").write_text(json.dumps({
+        "peak_gib": 3.25, "peak_source": "predicted", "budget_gib": 12.0, "headroom_gib": 8.75,
+        "measured": {"rss_peak_gib": 4.07}, "missing": ["GPU memory: training on CPU"], "other": 1}))
 
     path = write_report(run_dir)
     text = path.read_text()
@@ -43,7 +45,8 @@ def test_report_with_every_piece(tmp_path, tiny_llama, tiny_data):
     assert "![training loss](loss.png)" in text and "![base vs tuned](rouge.png)" in text
     assert "Loss 5.7000 at step 1, 3.0000 at step 10." in text
     assert "| tuned | 45.00 | 20.00 | 40.00 | 42.00 |" in text
-    assert "peak 3.25 GiB, budget 12.00 GiB." in text
+    assert "peak 3.25 GiB (predicted), process RSS 4.07 GiB (host memory), budget 12.00 GiB, headroom 8.75 GiB." in text
+    assert "Not measured: GPU memory: training on CPU." in text
     assert "perplexity 148.40 -> 164.00 (+10.5%)" in text
     assert "r 8, alpha 16" in text and "12 steps" in text
     assert "ref 3" in text and "ref 4" not in text  # the first three samples only

@@ -60,6 +60,8 @@ def test_4bit_training_moves_only_lora_weights_and_loss_falls(model_fixture, req
     moved = {n for n in before if not torch.equal(before[n], after[n])}
     lora = {n for n, p in loaded.model.named_parameters() if "lora_" in n}
     assert lora and moved == lora  # every adapter weight trained, no base weight touched
+    # fp32 adapters, as PEFT makes them and the planner counts them (TRL would cast a 4-bit model's to bf16)
+    assert {p.dtype for n, p in loaded.model.named_parameters() if n in lora} == {torch.float32}
     assert falls(losses(recipe.run_dir)), losses(recipe.run_dir)
     assert result.steps == 12
     assert (result.saved_dir / "adapter_config.json").is_file()
