@@ -222,16 +222,11 @@ def cmd_plan(args) -> int:
 
 def plan_methods(recipe, config, methods: list[str], as_json: bool) -> int:
     """One plan per method (one method: the usual table); exit 3 when none of them fits."""
-    import dataclasses
     import json
 
     from qlora_lite import memory
 
-    plans = {}
-    for kind in methods:
-        quant = dataclasses.replace(recipe.quantization, load_in_4bit=True) if kind == "qlora" else recipe.quantization
-        variant = dataclasses.replace(recipe, method=dataclasses.replace(recipe.method, kind=kind), quantization=quant)
-        plans[kind] = memory.plan_memory(variant, config)
+    plans = {kind: memory.plan_memory(recipe.with_method(kind), config) for kind in methods}
     if as_json:
         print(json.dumps({"methods": {k: p.to_json() for k, p in plans.items()}}, indent=2))
     elif len(plans) == 1:

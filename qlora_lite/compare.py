@@ -47,11 +47,8 @@ def method_recipe(recipe: Recipe, kind: str) -> Recipe:
     """The recipe as `kind` trains it: own run directory, scaled learning rate, no merged export (it is not
     compared, and merging a 7B copy per method would cost minutes and gigabytes)."""
     return dataclasses.replace(
-        recipe,
+        recipe.with_method(kind),
         name=kind,
-        method=dataclasses.replace(recipe.method, kind=kind),
-        quantization=dataclasses.replace(recipe.quantization, load_in_4bit=True) if kind == "qlora"
-        else recipe.quantization,
         train=dataclasses.replace(recipe.train, learning_rate=recipe.train.learning_rate * LR_SCALE[kind]),
         export=dataclasses.replace(recipe.export, merge=False),
         output=dataclasses.replace(recipe.output, dir=str(compare_dir(recipe))),

@@ -106,16 +106,16 @@ def read_run(run_dir: Path) -> Recipe:
 def base_model(loaded: model_stage.LoadedModel, recipe: Recipe):
     """The model before training: the adapter switched off, or for full fine-tuning the base loaded again
     (unquantized, in the compute dtype) and freed afterwards."""
-    if hasattr(loaded.model, "disable_adapter"):
+    if recipe.has_adapter:
         with loaded.model.disable_adapter():
             yield loaded.model
         return
     unquantized = dataclasses.replace(recipe.method, kind="lora")
-    holder = [model_stage.load_model(recipe.model, recipe.quantization, recipe.train, unquantized).model.eval()]
+    base = model_stage.load_model(recipe.model, recipe.quantization, recipe.train, unquantized).model.eval()
     try:
-        yield holder[0]
+        yield base
     finally:
-        holder.clear()
+        del base
         gc.collect()
         free_accelerator_memory(next(loaded.model.parameters()).device)
 

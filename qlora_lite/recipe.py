@@ -197,6 +197,11 @@ class Recipe:
         """Every method but full fine-tuning trains a PEFT adapter on a frozen base."""
         return self.method.kind != "full"
 
+    def with_method(self, kind: str) -> Recipe:
+        """This recipe trained by another method; qlora brings its 4-bit base (load_recipe refuses it without)."""
+        quant = dataclasses.replace(self.quantization, load_in_4bit=True) if kind == "qlora" else self.quantization
+        return dataclasses.replace(self, method=dataclasses.replace(self.method, kind=kind), quantization=quant)
+
 
 # ---------------------------------------------------------------- loading
 
