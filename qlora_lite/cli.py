@@ -16,6 +16,7 @@ import warnings
 from urllib.parse import urlparse
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.syntax import Syntax
 from rich.table import Table
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]: continue from the last checkpoint with --resume")
@@ -216,7 +217,7 @@ def cmd_plan(args) -> int:
         if plan.fits is False:
             fitted = memory.fit_to_budget(recipe, config)
             advice = f"cheapest change that fits: {fitted[1]}" if fitted else "no batch or checkpointing change fits"
-            console.print(f"[bold red]does not fit[/] the {plan.budget_gib:g} GiB budget; {advice}")
+            console.print(f"[bold red]does not fit[/] the {plan.budget_gib:g} GiB budget; {escape(advice)}")
     return 3 if plan.fits is False else 0
 
 
@@ -279,7 +280,7 @@ def cmd_compare(args) -> int:
         table.add_row(what, *(row[i] for row in rows))
     console.print(table)
     for kind, reason in result["refused"].items():
-        console.print(f"[yellow]{kind} did not run[/]: {reason}")
+        console.print(f"[yellow]{kind} did not run[/]: {escape(reason)}")
     console.print(f"comparison.json, comparison.md and comparison.png in [bold]{compare_dir(recipe)}[/]")
     return 0 if result["methods"] else 3
 
@@ -348,7 +349,7 @@ class TrainingView:
         console.print(plan_table(plan, "predicted for a CUDA GPU"))
 
     def on_auto_fit(self, change):
-        console.print(f"[yellow]auto_fit[/]: {change}")
+        console.print(f"[yellow]auto_fit[/]: {escape(change)}")
 
     def on_budget_exceeded(self, p):
         self.progress.console.print(
@@ -369,7 +370,7 @@ class TrainingView:
         render_merge(result)
 
     def on_merge_skipped(self, reason):
-        console.print(f"[yellow]merge skipped[/]: {reason}")
+        console.print(f"[yellow]merge skipped[/]: {escape(reason)}")
 
     def on_setup(self, p):
         stats = p["data"]
@@ -414,7 +415,7 @@ class TrainingView:
         console.print(f"method {p['method']}: finished earlier in {p['run_dir']}, kept")
 
     def on_method_refused(self, p):
-        console.print(f"[yellow]method {p['method']} did not run[/]: {p['reason']}")
+        console.print(f"[yellow]method {p['method']} did not run[/]: {escape(p['reason'])}")
 
     def on_trained(self, result):
         self.progress.stop()

@@ -159,6 +159,14 @@ def test_cli_recipe_error_exits_2_without_traceback(tmp_path, capsys):
     assert "lora.rank" in err and "Traceback" not in err
 
 
+def test_cli_error_keeps_its_section_names(tmp_path, capsys):
+    """A message naming [method] must reach the screen whole: rich would read it as markup and drop it."""
+    path = tmp_path / "r.toml"
+    path.write_text('name = "x"\n[model]\nname = "m"\n[quantization]\nload_in_4bit = false\n')
+    assert main(["run", str(path)]) == 2
+    assert 'for LoRA on a 16-bit base set [method] kind = "lora"' in capsys.readouterr().err
+
+
 def test_cli_unknown_model_is_a_clean_error(tmp_path, tiny_data, capsys):
     path = tmp_path / "r.toml"
     path.write_text(recipe_text(tmp_path / "no-such-model", tiny_data, tmp_path / "runs"))
