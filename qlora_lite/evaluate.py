@@ -261,6 +261,7 @@ def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str |
                                     max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size)
             if chunks:
                 general_loss[which] = mean_token_loss(m, chunks, loaded.is_encoder_decoder, recipe.eval.batch_size)
+            del m  # no reference left when base_model frees a reloaded base and empties the allocator cache
         seconds[which] = time.monotonic() - begun
     forgetting = None
     if chunks:

@@ -178,16 +178,11 @@ def weight_bytes(recipe: Recipe, arch: Arch, p: Precision, device: str, phase: s
             "trainable_weights": 4 * arch.params.trainable}
 
 
-def _optimizer_name(recipe: Recipe, device: str) -> str:
-    name = recipe.train.optimizer
-    return ("paged_adamw_8bit" if device == "cuda" else "adamw_torch") if name == "auto" else name
-
-
 def optimizer_bytes(recipe: Recipe, arch: Arch, device: str) -> tuple[int, int]:
     """(ordinary, paged) bytes of optimizer state. bitsandbytes keeps 32-bit state for tensors under 4096
     elements, and for nn.Embedding weights (the Trainer registers that override), and pages only tensors of 1e5
     elements or more; Adafactor factors 2-D second moments."""
-    name = _optimizer_name(recipe, device)
+    name = recipe.train.optimizer_on(device)
     ordinary = paged = 0
     for i, shape in enumerate(arch.trainable_shapes):
         n = math.prod(shape)
@@ -213,7 +208,7 @@ def step_bytes(recipe: Recipe, arch: Arch, device: str) -> int:
     large as a group. On a CPU, and in transformers' Adafactor everywhere, the update goes tensor by tensor: two
     fp32 temporaries of a tensor beside the last one of the tensor before (Adafactor's runs across groups).
     bitsandbytes updates in place."""
-    name = _optimizer_name(recipe, device)
+    name = recipe.train.optimizer_on(device)
     groups = [[math.prod(s) for s in arch.trainable_shapes if (len(s) >= 2) == decay] for decay in (True, False)]
     if name == "adamw_torch" and device == "cuda":
         return 4 * max(sum(group) for group in groups)

@@ -117,6 +117,13 @@ class TrainRecipe:
     eval_steps: int | None = _opt(None, lo=1, doc="eval loss every N steps (needs data.eval)")
     device: Literal["auto", "cuda", "cpu"] = _opt("auto", doc="auto = cuda when available")
 
+    def optimizer_on(self, device: str) -> str:
+        """The optimizer this recipe trains with on `device`: auto = paged 8-bit AdamW on CUDA (optimizer state off
+        the GPU's critical path), plain AdamW on CPU. The trainer builds it and the planner counts its state."""
+        if self.optimizer == "auto":
+            return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
+        return self.optimizer
+
 
 @dataclass(frozen=True)
 class BudgetRecipe:

@@ -39,12 +39,10 @@ class TrainResult:
 
 
 def pick_optimizer(train: TrainRecipe, device: str) -> str:
-    """auto = paged 8-bit AdamW on CUDA (optimizer state off the GPU's critical path), plain AdamW on CPU."""
-    if train.optimizer == "auto":
-        return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
+    """The recipe's optimizer on this device; bitsandbytes optimizers refuse a CPU run with the fix."""
     if device != "cuda" and train.optimizer in CUDA_ONLY_OPTIMIZERS:
         raise UserError(f"train.optimizer = {train.optimizer!r} needs a CUDA GPU; use \"auto\" or \"adamw_torch\"")
-    return train.optimizer
+    return train.optimizer_on(device)
 
 
 def planned_steps(train: TrainRecipe, train_rows: int) -> int:

@@ -111,6 +111,36 @@ def test_full_and_lora_are_evaluated_against_the_same_base(tmp_path, tiny_llama,
     assert after["tuned"] == pytest.approx(before["tuned"]) and after["base"] == pytest.approx(before["base"])
 
 
+def test_full_fine_tuning_frees_the_reloaded_base_before_emptying_the_cache(tmp_path, tiny_llama, tiny_data,
+                                                                           monkeypatch):
+    """Evaluating full fine-tuning reloads the base beside the tuned model; nothing may still hold that copy when
+    the allocator cache is emptied, or the tuned model's generation runs beside it."""
+    import sys
+    import weakref
+
+    from qlora_lite import evaluate
+
+    recipe = make_recipe(tmp_path, tiny_llama, tiny_data, "full", overrides=EVAL)
+    loaded, _ = train_directly(recipe)
+    reloaded, alive_at_free = [], []
+    load_model, free = model_stage.load_model, evaluate.free_accelerator_memory
+
+    def load_and_watch(*args, **kwargs):
+        result = load_model(*args, **kwargs)
+        reloaded.append(weakref.ref(result.model))
+        return result
+
+    def free_and_record(device):
+        if sys._getframe(1).f_code.co_name == "base_model":  # its `finally`, once generation with the base ended
+            alive_at_free.append([ref() is not None for ref in reloaded])
+        free(device)
+
+    monkeypatch.setattr(model_stage, "load_model", load_and_watch)
+    monkeypatch.setattr(evaluate, "free_accelerator_memory", free_and_record)
+    evaluate.evaluate_run(loaded, recipe, recipe.run_dir)
+    assert len(reloaded) == 1 and alive_at_free == [[False]]
+
+
 def test_compare_writes_the_table_for_every_method(tmp_path, tiny_llama, tiny_data, capsys):
     path = tmp_path / "cmp.toml"
     path.write_text(recipe_text(tiny_llama, tiny_data, tmp_path / "runs", name="cmp"))
