@@ -238,7 +238,9 @@ def plan_methods(recipe, config, methods: list[str], as_json: bool) -> int:
 
 
 def methods_plan_table(plans: dict, name: str) -> Table:
-    table = Table(title=f"memory plan by method: {name} (GiB, peak phase of each)", title_justify="left")
+    notes = dict.fromkeys(n for p in plans.values() for n in p.notes)  # the same model: the same notes
+    table = Table(title=f"memory plan by method: {name} (GiB, peak phase of each)", title_justify="left",
+                  caption="\n".join(f"note: {escape(n)}" for n in notes) or None, caption_justify="left")
     table.add_column("component")
     for kind in plans:
         table.add_column(kind, justify="right", min_width=len(kind))
@@ -286,7 +288,8 @@ def cmd_compare(args) -> int:
 
 
 def plan_table(plan, name: str) -> Table:
-    table = Table(title=f"memory plan: {name} (peak in the {plan.phase} phase)", title_justify="left")
+    table = Table(title=f"memory plan: {name} (peak in the {plan.phase} phase)", title_justify="left",
+                  caption="\n".join(f"note: {escape(n)}" for n in plan.notes) or None, caption_justify="left")
     table.add_column("component")
     table.add_column("GiB", justify="right")
     for component, gib in plan.components.items():

@@ -22,7 +22,10 @@ step (`optimizer_step`: torch's foreach AdamW makes fp32 temporaries as large as
 stay allocated from one micro-batch to the next (gradient accumulation); evaluation runs after the trainer's
 gradients and optimizer state are freed. Heuristic (no GPU to calibrate on yet): the CUDA context (0.5 GiB) and
 the allocator reserve (10% of transient memory); tools/bench_memory.py compares the plan with published figures
-and, with --gpu, measures both. Not modelled: Gemma-style norms that cast back to bf16, MoE, packed batches.
+and, with --gpu, measures both. Architectures: shapes, layer counts, norms per block and dropout rates are read from
+the skeleton and the config, so any family transformers builds gets a plan; CHECKED_FAMILIES are those checked
+against real steps, and the plan's `notes` say when a model is outside them. Not modelled: MoE routing (noted),
+Gemma-style norms that cast back to bf16, packed batches.
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ CUDA_CONTEXT_GIB = 0.5  # driver + cuBLAS/cuDNN handles: 0.3-2 GiB by driver and
 RESERVE_FRACTION = 0.10  # caching-allocator slack per byte of transient memory (heuristic, see _finish)
 TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768  # trl/kernels/chunked_logprob.py: its buffer, whatever the vocab
 BNB_MIN_8BIT_NUMEL, BNB_PAGED_MIN_NUMEL = 4096, 100_000  # bitsandbytes/optim/optimizer.py
+# Families whose byte model is checked against every allocation of real training steps on CPU (tests/test_memory.py):
+# Llama and T5 tensor by tensor, the rest whole-step within 10%. Others are planned with the same rules.
+CHECKED_FAMILIES = ("llama", "t5", "mt5", "mistral", "qwen2", "gemma2", "phi", "phi3", "gpt2", "gpt_neox", "opt",
+                    "bloom", "falcon", "bart")
 PLAN_KEYS = ("weights_4bit", "weights_16bit", "trainable_weights", "gradients", "optimizer", "optimizer_step",
              "autocast_copies", "activations", "logits", "kv_cache", "cuda_context", "allocator_reserve")
 TRANSIENT_KEYS = ("optimizer_step", "autocast_copies", "activations", "logits", "kv_cache")
@@ -71,6 +78,7 @@ class MemoryPlan:
     budget_gib: float | None
     fits: bool | None
     phase: str  # "train" or "eval"
+    notes: tuple[str, ...] = ()  # what the figures do not cover for this model
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -220,7 +228,7 @@ def step_bytes(recipe: Recipe, arch: Arch, device: str) -> int:
 
 def _fused(arch: Arch, device: str) -> bool:
     """sdpa runs a fused kernel: always on CUDA; on CPU only without attention dropout."""
-    return arch.attention == "sdpa" and (device == "cuda" or not arch.dropout)
+    return arch.attention == "sdpa" and (device == "cuda" or not arch.attention_dropout)
 
 
 def _lora_bytes(arch: Arch, p: Precision, recipe: Recipe, stream: str, device: str) -> int:
@@ -261,22 +269,24 @@ def _attention_bytes(arch: Arch, p: Precision, s_kv: int, kv_ratio: float, devic
     dropout mask and output) over s_kv keys."""
     c, heads, inner = p.compute, arch.heads, arch.heads * arch.head_dim
     if _fused(arch, device):
-        bias = c * s_kv * (heads if arch.is_encoder_decoder else 1)
+        bias = c * s_kv * (heads if arch.relative_bias else 1)
         return c * inner * (2 + 2 * kv_ratio) + 4 * heads + bias
-    probs = 4 + (p.mask + c if arch.dropout else (c if c < 4 else 0))
+    probs = 4 + (p.mask + c if arch.attention_dropout else (c if c < 4 else 0))
     return c * inner * (1 + 2 * kv_ratio) + probs * heads * s_kv
 
 
 def layer_bytes(arch: Arch, p: Precision, recipe: Recipe, device: str, s: int, s_enc: int = 0, stream="dec"):
     """Bytes per token autograd saves in one block: norms (fp32 input + rsqrt, and the normalized input when the
-    norm weight trains), attention, MLP, the trained layers' inputs, dropout."""
-    h, f, drop = arch.hidden, arch.intermediate, p.mask if arch.dropout else 0
-    norm = 4 * h + 4 + (p.stream * h if p.stream < 4 and arch.is_encoder_decoder else 0)  # T5 keeps both
+    norm weight trains) as many as the block has, attention, MLP, the trained layers' inputs, dropout masks."""
+    h, f = arch.hidden, arch.intermediate
+    drop, act_drop = (p.mask if rate else 0 for rate in (arch.dropout, arch.activation_dropout))
+    norm = 4 * h + 4 + (p.stream * h if p.stream < 4 and arch.relative_bias else 0)  # T5 keeps both
     norm += 4 * h if arch.method == "full" else 0
-    total = 2 * norm + _attention_bytes(arch, p, s, 1.0, device) + arch.mlp_saved * p.linear_out * f
-    total += _trained_bytes(arch, p, recipe, stream, device) + drop * (2 * h + f)
-    if stream == "dec" and arch.is_encoder_decoder:  # cross-attention: its norm, attention, k/v inputs, dropout
-        total += norm + _attention_bytes(arch, p, s_enc, s_enc / s, device) + drop * h
+    total = dict(arch.block_norms)[stream] * norm + _attention_bytes(arch, p, s, 1.0, device)
+    total += arch.mlp_saved * p.linear_out * f + _trained_bytes(arch, p, recipe, stream, device)
+    total += drop * 2 * h + act_drop * f
+    if stream == "dec" and arch.is_encoder_decoder:  # cross-attention: attention, k/v inputs, dropout
+        total += _attention_bytes(arch, p, s_enc, s_enc / s, device) + drop * h
         total += _trained_bytes(arch, p, recipe, "cross", device) * s_enc / s
     return total
 
@@ -314,10 +324,11 @@ def train_transient(arch: Arch, p: Precision, recipe: Recipe, device: str) -> di
     block += _dequantized(arch, p, device) + (4 + (c if c < 4 else 0)) * arch.largest_linear
     if full and arch.is_encoder_decoder:  # the LM head's input; in fp32 the encoder output every cross-attention reads
         saved += b * s_dec * c * h + (b * s_enc * 4 * h if c == 4 else 0)
-    if arch.is_encoder_decoder:  # position biases of both stacks, shared by their blocks and the batch
-        saved += arch.heads * c * (s_enc * s_enc + s_dec * s_dec + s_dec * s_enc)
-    else:  # the padding mask, shared by all blocks
-        saved += b * s_dec * s_dec * (1 if arch.attention == "sdpa" else c)
+    scores = s_enc * s_enc + s_dec * s_dec + s_dec * s_enc  # self-attention of each stack, cross-attention
+    if arch.relative_bias:  # T5's position biases of both stacks, shared by their blocks and the batch
+        saved += arch.heads * c * scores
+    else:  # the padding masks, shared by all blocks
+        saved += b * scores * (1 if arch.attention == "sdpa" else c)
     head = loss_head_bytes(arch, p, recipe, device)
     cache, one_block = (c * arch.cast_params, c * arch.block_cast_params) if c < 4 else (0, 0)
     if checkpointing:
@@ -366,7 +377,7 @@ def eval_transient(arch: Arch, p: Precision, recipe: Recipe, device: str = "cuda
     copies = p.compute * arch.cast_params if p.compute < 4 and arch.method != "full" else 0
     if not arch.is_encoder_decoder:
         return {"kv_cache": kv, "activations": prefill + logits, "autocast_copies": copies}
-    prefill += arch.heads * prompt * prompt * p.linear_out
+    prefill += prompt * prompt * (arch.heads * p.linear_out if arch.relative_bias else b)
     decoding = kv + b * prompt * 4 * h + logits
     if prefill > decoding:
         return {"kv_cache": 0.0, "activations": prefill, "autocast_copies": copies}
@@ -396,7 +407,19 @@ def plan_from_arch(recipe: Recipe, arch: Arch, device: str = "cuda") -> MemoryPl
         components=train if phase == "train" else evals, peak_gib=peak,
         peak_allocated_gib=train_alloc if phase == "train" else eval_alloc, train_peak_gib=train_peak,
         eval_peak_gib=eval_peak, trainable_params=arch.params.trainable, total_params=arch.params.total,
-        budget_gib=budget, fits=None if budget is None else peak <= budget, phase=phase)
+        budget_gib=budget, fits=None if budget is None else peak <= budget, phase=phase, notes=plan_notes(arch))
+
+
+def plan_notes(arch: Arch) -> tuple[str, ...]:
+    """Where the plan is an extrapolation: a family it was never checked on, a mixture of experts."""
+    notes = []
+    if arch.model_type not in CHECKED_FAMILIES:
+        notes.append(f"{arch.model_type} is not among the families the planner was checked on: its activation "
+                     f"figures are an estimate")
+    if arch.experts:
+        notes.append(f"mixture of experts ({arch.experts} experts): routing is not modelled; activations are "
+                     f"planned as if every token ran one dense MLP")
+    return tuple(notes)
 
 
 def phases(recipe: Recipe, arch: Arch, device: str = "cuda") -> tuple[tuple[dict, float], tuple[dict, float]]:

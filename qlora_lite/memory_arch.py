@@ -30,6 +30,8 @@ class Arch:
     """What the planner needs from the skeleton, computed once per model and method."""
 
     method: str  # recipe.method.kind
+    model_type: str  # config.model_type: the byte model is checked on CHECKED_TYPES
+    experts: int  # mixture-of-experts layers' experts (0: a dense model)
     params: ParamCount
     quantized_numels: tuple[int, ...]  # weights of the 4-bit linear layers
     norm_params: int  # 1-D norm weights, upcast to fp32 by model.py (frozen bases)
@@ -53,7 +55,11 @@ class Arch:
     vocab: int
     mlp_saved: int  # tensors of intermediate width saved by the MLP's activation and gate product
     attention: str  # "sdpa" or "eager"
-    dropout: float  # the model's own dropout (T5: 0.1), not LoRA's
+    dropout: float  # the model's own dropout on the residual stream (T5: 0.1), not LoRA's
+    attention_dropout: float  # on the attention probabilities
+    activation_dropout: float  # on the MLP's intermediate activation
+    block_norms: tuple[tuple[str, int], ...]  # (stream, norm layers in a block): Llama 2, Gemma-2 4, T5's decoder 3
+    relative_bias: bool  # T5-style relative position bias (a float tensor per head), instead of a padding mask
 
 
 def analyze(recipe: Recipe, config) -> Arch:
@@ -66,12 +72,17 @@ def analyze(recipe: Recipe, config) -> Arch:
     auto = AutoModelForSeq2SeqLM if enc_dec else AutoModelForCausalLM
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = auto.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        try:
+            model = auto.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        except Exception as e:  # an inconsistent config.json (e.g. pad_token_id outside the vocabulary)
+            raise UserError(f"model.name = {recipe.model.name!r}: transformers cannot build a "
+                            f"{config.model_type} model from its config.json ({type(e).__name__}: {e})") from None
         quantized = _quantized_weights(model) if recipe.load_in_4bit else {}
         base = dict(model.named_parameters())  # tied weights appear once
         blocks = _first_blocks(model)
         head = None if enc_dec else model.get_output_embeddings()  # TRL's fused head casts it tile by tile
-        mlp_saved, linear_inputs = _mlp_saved(model, config), _linear_inputs(blocks)
+        dims = _dims(config, blocks, _stack_lengths(model, blocks))
+        mlp_saved, linear_inputs = _mlp_saved(blocks, config, dims["intermediate"]), _linear_inputs(blocks)
         wrapped = _attach(recipe, model, enc_dec)
     trainable = {id(p): p for p in wrapped.parameters() if p.requires_grad}
     embeddings = {id(m.weight) for m in wrapped.modules() if isinstance(m, torch.nn.Embedding)}
@@ -84,7 +95,7 @@ def analyze(recipe: Recipe, config) -> Arch:
     packed = sum(2 * math.ceil(n / 2) for n in q_numels)  # Params4bit packs two values per byte
     adapter = trained if recipe.has_adapter else 0
     return Arch(
-        method=recipe.method.kind,
+        method=recipe.method.kind, model_type=config.model_type, experts=_experts(config),
         params=ParamCount(trained, base_count - sum(q_numels) + packed + adapter, base_count),
         quantized_numels=q_numels, norm_params=norm, other_params=base_count - sum(q_numels) - norm,
         trainable_shapes=tuple(tuple(p.shape) for p in trainable.values()),
@@ -94,8 +105,10 @@ def analyze(recipe: Recipe, config) -> Arch:
         block_cast_params=max((sum(c.values()) for c in block_casts), default=0),
         largest_linear=max((n for c in block_casts for n in c.values()), default=0),
         virtual_tokens=recipe.method.num_virtual_tokens if recipe.method.kind == "prompt_tuning" else 0,
-        is_encoder_decoder=enc_dec, mlp_saved=mlp_saved, **_dims(config),
-        attention=model.config._attn_implementation or "eager", dropout=getattr(config, "dropout_rate", 0.0))
+        is_encoder_decoder=enc_dec, mlp_saved=mlp_saved, **dims,
+        attention=model.config._attn_implementation or "eager", **_dropouts(config),
+        block_norms=tuple((_stream(name), _norm_count(block)) for name, block in blocks.items()),
+        relative_bias=any("relative_attention_bias" in name for name, _ in model.named_modules()))
 
 
 def _attach(recipe: Recipe, model, enc_dec: bool):
@@ -119,14 +132,67 @@ def _attach(recipe: Recipe, model, enc_dec: bool):
         raise UserError(f"lora.target_modules: {e}") from None
 
 
-def _dims(config) -> dict[str, int]:
-    """Sizes under their Llama names; T5's config maps most of them (d_model, num_heads), not d_ff or d_kv."""
-    heads, layers = config.num_attention_heads, config.num_hidden_layers
+def _dims(config, blocks: dict, lengths: list[int]) -> dict[str, int]:
+    """Sizes under their Llama names. Layer counts and the MLP width come from the skeleton itself (configs name them
+    n_layer, encoder_layers, d_ff, ffn_dim, n_inner...); heads from the config, whose attribute_map gives every
+    family num_attention_heads. The MLP width is the widest input of a block's linear layers (its down projection)."""
+    stacks = list(blocks.values())
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None)
+    if kv_heads is None and getattr(config, "multi_query", False):  # Falcon-7B: one k/v head
+        kv_heads = 1
     return dict(
-        hidden=config.hidden_size, intermediate=getattr(config, "intermediate_size", None) or config.d_ff,
-        layers=layers, decoder_layers=getattr(config, "num_decoder_layers", None) or layers, heads=heads,
-        kv_heads=getattr(config, "num_key_value_heads", None) or heads, vocab=config.vocab_size,
-        head_dim=getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads)
+        hidden=hidden, intermediate=max(shape[0] for shape in _linear_shapes(stacks[0]).values()),
+        layers=lengths[0], decoder_layers=lengths[-1], heads=heads,
+        kv_heads=kv_heads or heads, vocab=config.vocab_size,
+        head_dim=getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or hidden // heads)
+
+
+def _stack_lengths(model, blocks: dict) -> list[int]:
+    """Blocks in each stack: the length of the list holding each first block."""
+    modules = dict(model.named_modules())
+    return [len(modules[name.rsplit(".", 1)[0]]) for name in blocks]
+
+
+def _experts(config) -> int:
+    return next((getattr(config, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                 if isinstance(getattr(config, k, None), int)), 0)
+
+
+def _dropouts(config) -> dict[str, float]:
+    """The model's own dropout rates, active in training, under the names configs use: residual (T5 dropout_rate,
+    GPT-2 resid_pdrop, OPT/BART dropout, Falcon/BLOOM hidden_dropout), attention and activation. T5 applies its one
+    rate everywhere; other families without a separate key have none there (Llama-family configs set none at all)."""
+    def first(*keys, default=0.0):
+        found = [getattr(config, k) for k in keys if isinstance(getattr(config, k, None), (int, float))]
+        return float(found[0]) if found else default
+
+    residual = first("dropout_rate", "resid_pdrop", "dropout", "hidden_dropout")
+    t5_style = hasattr(config, "dropout_rate")
+    return dict(dropout=residual,
+                attention_dropout=first("attention_dropout", "attn_pdrop", default=residual if t5_style else 0.0),
+                activation_dropout=first("activation_dropout", default=residual if t5_style else 0.0))
+
+
+def _norm_count(block) -> int:
+    """Norm layers in a block (innermost modules whose class is a norm)."""
+    norms = [m for m in block.modules() if "norm" in type(m).__name__.lower()]
+    return sum(1 for m in norms if not any(c is not m and c in norms for c in m.modules()))
+
+
+def _linear_shapes(module) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every linear layer under `module`, by name: nn.Linear and GPT-2's Conv1D
+    (which stores its weight transposed; transformers quantizes both)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    found = {}
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            found[name] = (m.in_features, m.out_features)
+        elif isinstance(m, Conv1D):
+            found[name] = (m.weight.shape[0], m.nf)
+    return found
 
 
 def _quantized_weights(model) -> dict[str, None]:
@@ -136,9 +202,11 @@ def _quantized_weights(model) -> dict[str, None]:
     from transformers.quantizers.base import HfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module
 
+    from transformers.pytorch_utils import Conv1D
+
     skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
     return {f"{name}.weight": None for name, module in model.named_modules()
-            if type(module) is torch.nn.Linear and should_convert_module(name, skip)}
+            if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, skip)}
 
 
 def _first_blocks(model) -> dict[str, object]:
@@ -148,14 +216,15 @@ def _first_blocks(model) -> dict[str, object]:
 
 
 def _stream(name: str) -> str:
-    """"cross" = T5's cross-attention k/v, which run over the encoder's tokens; else the stack's own tokens."""
-    if "EncDecAttention" in name and name.rsplit(".", 1)[-1] in ("k", "v"):
+    """"cross" = the cross-attention k/v (T5's EncDecAttention, BART's encoder_attn), which run over the encoder's
+    tokens; else the stack's own tokens."""
+    if re.search(r"EncDecAttention\.(k|v)$|encoder_attn\.(k_proj|v_proj)$", name):
         return "cross"
     return "enc" if ".encoder." in f".{name}" else "dec"
 
 
 def _reads_attention(name: str) -> bool:
-    return re.search(r"(attn|attention)\.(o_proj|o|out_proj|dense)$", name, re.IGNORECASE) is not None
+    return re.search(r"(attn|attention)\.(o_proj|o|out_proj|dense|c_proj)$", name, re.IGNORECASE) is not None
 
 
 def _lora_inputs(peft_model) -> tuple[tuple[str, int, bool], ...]:
@@ -174,35 +243,28 @@ def _lora_inputs(peft_model) -> tuple[tuple[str, int, bool], ...]:
 def _linear_inputs(blocks: dict) -> tuple[tuple[str, int, int, bool], ...]:
     """The distinct inputs of block 0's linear layers: layers of one parent reading the same width in the same
     stream share an input (q/k/v, gate/up), each saved once in fp32 and cast once per layer under autocast."""
-    import torch
-
     groups: dict[tuple, int] = {}
     for prefix, block in blocks.items():
-        for name, module in block.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                full = f"{prefix}.{name}"
-                key = (full.rsplit(".", 1)[0], _stream(full), module.in_features, _reads_attention(full))
-                groups[key] = groups.get(key, 0) + 1
+        for name, (n_in, _) in _linear_shapes(block).items():
+            full = f"{prefix}.{name}"
+            key = (full.rsplit(".", 1)[0], _stream(full), n_in, _reads_attention(full))
+            groups[key] = groups.get(key, 0) + 1
     return tuple((stream, n_in, count, reads) for (_, stream, n_in, reads), count in groups.items())
 
 
 def _cast_params(module, trainable: dict, head) -> dict[int, int]:
     """Trainable fp32 weights and biases of the linear layers in `module` (id -> numel): what autocast casts."""
-    import torch
-
+    layers = dict(module.named_modules())
     skip = {id(p) for p in head.parameters()} if head is not None else set()
-    return {id(p): p.numel() for m in module.modules() if isinstance(m, torch.nn.Linear)
-            for p in m.parameters(recurse=False) if id(p) in trainable and id(p) not in skip}
+    return {id(p): p.numel() for name in _linear_shapes(module) for p in layers[name].parameters(recurse=False)
+            if id(p) in trainable and id(p) not in skip}
 
 
-def _mlp_saved(model, config) -> int:
+def _mlp_saved(blocks: dict, config, width: int) -> int:
     """Intermediate-width tensors the MLP saves: the activation's own (gelu_new: 4, silu/relu/gelu: 1) plus the
     two factors of the gate product when the MLP is gated (two projections to the width, or one fused to 2x)."""
-    import torch
-
-    width = getattr(config, "intermediate_size", None) or config.d_ff
-    act = getattr(config, "dense_act_fn", None) or getattr(config, "hidden_act", "silu")
-    block = next(m for n, m in model.named_modules() if re.search(r"\.0$", n))
-    outs = [m.out_features for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    act = next((getattr(config, k) for k in ("dense_act_fn", "hidden_act", "activation_function")
+                if isinstance(getattr(config, k, None), str)), "silu")
+    outs = [out for _, out in _linear_shapes(next(iter(blocks.values()))).values()]
     gated = outs.count(width) >= 2 or 2 * width in outs
     return (4 if act == "gelu_new" else 1) + (2 if gated else 0)

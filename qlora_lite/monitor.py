@@ -217,6 +217,7 @@ def _markdown(report: dict, png: Path | None) -> str:
         lines += ["", f"## Predicted (peak phase: {plan['phase']})", "", "| component | GiB |", "|---|---:|"]
         lines += [f"| {name} | {gib:.3f} |" for name, gib in plan["components"].items()]
         lines.append(f"| **total** | **{plan['peak_gib']:.3f}** |")
+        lines += [f"\nNote: {note}" for note in plan.get("notes", ())]
     lines += ["", "## Predicted vs measured", "", "| figure | predicted | measured | error |", "|---|---:|---:|---:|"]
     rows = [
         ("peak allocated (torch)", plan and plan["peak_allocated_gib"], measured.get("peak_allocated_gib"),

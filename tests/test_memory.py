@@ -428,17 +428,26 @@ def test_training_step_peak_matches_plan(tiny_llama, tiny_t5, tmp_path, family, 
     """Two optimizer steps as the trainers run them (TRL's fused head for the decoder, the model's loss for T5),
     every allocation tracked: the plan's activations, head, gradients and optimizer state add up to the peak.
     On CPU: fp32, no autocast, and TRL's torch fold of the head's tile instead of its Triton kernel."""
-    from transformers import Trainer, TrainingArguments
-    from trl.trainer.utils import add_fused_lm_head
-
     t5 = family == "t5"
     folder = save_variant(tiny_t5 if t5 else tiny_llama, tmp_path, **(MID_T5 if t5 else MID_LLAMA))
     train = TrainRecipe(device="cpu", gradient_checkpointing=checkpointing, micro_batch_size=4, max_length=256,
                         max_source_length=256, max_target_length=64)
     recipe = make_recipe(folder, train=train, eval=EvalRecipe(enabled=False))
     model = load_qlora(recipe)
+    peak = two_steps_peak(model, tmp_path)
+    plan = plan_memory(recipe, load_model_config(recipe.model), device="cpu")
+    resident = sum(plan.components[k] for k in ("weights_4bit", "weights_16bit", "trainable_weights"))
+    assert (plan.peak_allocated_gib - resident) * 2**30 == pytest.approx(peak, rel=0.05)
+
+
+def two_steps_peak(model, tmp_path) -> int:
+    """Peak bytes of two optimizer steps on 4 x 256 tokens (64 target tokens for encoder-decoders), one row padded,
+    as the trainers run them: TRL's fused head for decoders, the model's own loss for encoder-decoders."""
+    from transformers import Trainer, TrainingArguments
+    from trl.trainer.utils import add_fused_lm_head
+
     ids, mask = padded_batch(model.config.vocab_size, 4, 256)
-    if t5:
+    if model.config.is_encoder_decoder:
         batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(3, 300, (4, 64))}
     else:
         add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
@@ -452,9 +461,70 @@ def test_training_step_peak_matches_plan(tiny_llama, tiny_t5, tmp_path, family, 
             model(**batch).loss.backward()
             optimizer.step()
             model.zero_grad(set_to_none=True)
+    return tracker.peak
+
+
+# The other checked families at the same size, in their own config names (GPT-2 n_embd, OPT ffn_dim, BART d_model...)
+MID_FAMILIES = {
+    "mt5": dict(MID_T5, tie_word_embeddings=False),
+    "mistral": MID_LLAMA, "qwen2": MID_LLAMA, "gemma2": dict(MID_LLAMA, head_dim=32),
+    "phi": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, intermediate_size=688, resid_pdrop=0.1),
+    "phi3": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, intermediate_size=688),
+    "gpt2": dict(n_embd=256, n_layer=4, n_head=8),
+    "gpt_neox": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, intermediate_size=688),
+    "opt": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, ffn_dim=688, word_embed_proj_dim=256),
+    "bloom": dict(hidden_size=256, n_layer=4, n_head=8),
+    "falcon": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8),
+    "bart": dict(d_model=256, encoder_layers=4, decoder_layers=4, encoder_attention_heads=8, decoder_attention_heads=8,
+                 encoder_ffn_dim=688, decoder_ffn_dim=688),
+}
+
+
+def test_every_checked_family_has_a_training_step_check():
+    from qlora_lite.memory import CHECKED_FAMILIES
+
+    assert set(CHECKED_FAMILIES) == {"llama", "t5", *MID_FAMILIES}
+
+
+@pytest.mark.parametrize("family", list(MID_FAMILIES))
+def test_other_families_count_exactly_and_plan_a_step_within_ten_percent(tiny_llama, tiny_t5, tmp_path, family):
+    """Shapes, layer counts, norms per block and dropout rates come from the skeleton and the config, under each
+    family's own names: parameter counts are exact, and two real training steps (no checkpointing, where the
+    activations dominate) allocate within 10% of the plan."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    source = tiny_t5 if family in ("mt5", "bart") else tiny_llama
+    base = AutoConfig.from_pretrained(source)
+    ids = {k: getattr(base, k) for k in ("eos_token_id", "bos_token_id", "decoder_start_token_id")
+           if getattr(base, k, None) is not None}
+    config = AutoConfig.for_model(family, vocab_size=base.vocab_size, pad_token_id=base.pad_token_id or 0,
+                                  **ids, **MID_FAMILIES[family])
+    torch.manual_seed(0)
+    (AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM).from_config(config).save_pretrained(
+        tmp_path)
+    for f in source.iterdir():
+        if "token" in f.name:
+            shutil.copy(f, tmp_path / f.name)
+    train = TrainRecipe(device="cpu", gradient_checkpointing=False, micro_batch_size=4, max_length=256,
+                        max_source_length=256, max_target_length=64)
+    recipe = make_recipe(tmp_path, train=train, eval=EvalRecipe(enabled=False))
+    model = load_qlora(recipe)
     plan = plan_memory(recipe, load_model_config(recipe.model), device="cpu")
+    assert (plan.trainable_params, plan.total_params) == count_parameters(model)
     resident = sum(plan.components[k] for k in ("weights_4bit", "weights_16bit", "trainable_weights"))
-    assert (plan.peak_allocated_gib - resident) * 2**30 == pytest.approx(tracker.peak, rel=0.05)
+    assert (plan.peak_allocated_gib - resident) * GIB == pytest.approx(two_steps_peak(model, tmp_path), rel=0.10)
+    assert plan.notes == ()
+
+
+def test_plan_notes_an_unchecked_family_and_experts():
+    from transformers import AutoConfig
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    recipe = Recipe(name="t", model=ModelRecipe(name="x"), lora=LoraRecipe(dropout=0.0))
+    moe = plan_memory(recipe, AutoConfig.for_model("mixtral", num_local_experts=4, **small))
+    assert any("mixtral is not among" in n for n in moe.notes) and any("4 experts" in n for n in moe.notes)
+    assert plan_memory(recipe, AutoConfig.for_model("llama", **small)).notes == ()
 
 
 @pytest.mark.parametrize("kind, dtype, checkpointing", [
@@ -544,7 +614,7 @@ def test_plan_json_has_the_documented_keys_and_sums(llama7b_arch):
     _, arch = llama7b_arch
     data = json.loads(json.dumps(cuda_plan(arch).to_json()))
     assert set(data) == {"components", "peak_gib", "peak_allocated_gib", "train_peak_gib", "eval_peak_gib",
-                         "trainable_params", "total_params", "budget_gib", "fits", "phase"}
+                         "trainable_params", "total_params", "budget_gib", "fits", "phase", "notes"}
     assert set(data["components"]) == set(PLAN_KEYS)
     assert sum(data["components"].values()) == pytest.approx(data["peak_gib"])
     assert data["budget_gib"] is None and data["fits"] is None

@@ -44,6 +44,13 @@ CONFIGS = {
     "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
                        max_position_embeddings=32768, rms_norm_eps=1e-6),
+    "mistral-7b-v0.3": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                            num_attention_heads=32, num_key_value_heads=8, vocab_size=32768,
+                            tie_word_embeddings=False, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                            sliding_window=None),
+    "llama-1b-synthetic": dict(model_type="llama", hidden_size=2048, intermediate_size=4096, num_hidden_layers=24,
+                               num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
+                               tie_word_embeddings=False),  # LlamaConfig() with these sizes (fsdp_qlora notebook)
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
                          max_position_embeddings=8192, rms_norm_eps=1e-5),
@@ -119,12 +126,21 @@ FULL = {"method": {"kind": "full"}, "quant": {"compute_dtype": "bf16"},
 LITGPT_NOTE = ("different stack: litgpt's own model, bf16 LoRA/AdamW state and activations, no checkpointing, "
                "full bf16 logits")
 PUBLISHED = [
+    Published("peft issue #3265 (torch.cuda.memory_allocated after from_pretrained; torch 2.5, bnb 0.46)",
+              "4-bit base loaded, allocated", "mistral-7b-v0.3", 3956, "MiB", {"quant": {"compute_dtype": "bf16"}},
+              "weights", "same stack: NF4 + double quant, bf16 embeddings and lm_head; a measurement"),
+    Published("AnswerDotAI/fsdp_qlora nbs/00-profile_lora_qlora.ipynb (memory_allocated after loading, GB = 1e9)",
+              "4-bit base loaded, allocated", "llama-1b-synthetic", 0.882, "GB",
+              {"quant": {"compute_dtype": "bf16", "double_quant": False}}, "weights",
+              "same stack: NF4 without double quant, bf16 storage, embeddings, lm_head and norms; a measurement"),
     Published(QLORA, "4-bit base model", "llama-2-7b", 5048,
               "MiB", {"quant": {"compute_dtype": "bf16"}}, "weights",
               "our stack: NF4+DQ linears, bf16 embeddings/head; the paper's code upcast those to fp32 (next row)"),
     Published(QLORA, "4-bit base, paper's dtypes", "llama-2-7b", 5048, "MiB",
               {"quant": {"compute_dtype": "fp32"}}, "weights",
-              "prepare_model_for_kbit_training: embeddings, lm_head, norms fp32; unit MB read as MiB"),
+              "prepare_model_for_kbit_training: embeddings, lm_head, norms fp32; the paper says the base 'consumes' "
+              "5,048 MB without saying how it was measured, whether MB is 1e6 or 2^20, or whether the CUDA context "
+              "is in it: not a calibration target"),
     Published(QLORA, "LoRA = 0.2% of weights, bf16", "llama-2-7b", 26, "MiB",
               {}, "lora_0.2pct_bf16", "checks total_params only (6.74B)"),
     Published("torchtune docs tutorials/qlora_finetune.rst", "peak reserved, training", "llama-2-7b", 9.29, "GiB",
