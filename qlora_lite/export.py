@@ -180,7 +180,7 @@ def four_bit_reference(recipe: Recipe, run_dir: Path, tokenizer) -> Reference:
     compute = str(loaded.compute_dtype).removeprefix("torch.")
     reference = Reference(
         f"4-bit base + adapter (bitsandbytes {recipe.quantization.quant_type}, {compute} compute, {loaded.device})",
-        logits(model, check_inputs(tokenizer, model.config)), loaded.compute_dtype, quantized,
+        logits(model, check_inputs(tokenizer, model.config), loaded.compute_dtype), loaded.compute_dtype, quantized,
     )
     del model, loaded
     gc.collect()
@@ -230,10 +230,10 @@ def check_inputs(tokenizer, config) -> list[dict[str, torch.Tensor]]:
     return inputs
 
 
-def logits(model, inputs: list[dict]) -> list[torch.Tensor]:
+def logits(model, inputs: list[dict], compute_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """On a GPU, under the autocast the model trained in (T5 on an fp16-only card: none, fp16 overflows it)."""
     device = next(model.parameters()).device
-    amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-    with torch.no_grad(), model_stage.autocast(device.type, amp_dtype):
+    with torch.no_grad(), model_stage.autocast(device.type, compute_dtype):
         return [model(**{k: v.to(device) for k, v in x.items()}).logits.float().cpu() for x in inputs]
 
 

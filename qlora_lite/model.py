@@ -211,6 +211,8 @@ def attach_lora(loaded: LoadedModel, lora: LoraRecipe, train: TrainRecipe, *, us
     try:
         loaded.model = get_peft_model(loaded.model, config)
     except ValueError as e:
+        if "lora_dropout" in str(e):  # Mixtral-style fused experts (3-D parameters) take no LoRA dropout
+            raise UserError(f"lora.dropout: PEFT says: {e} Set lora.dropout = 0 for this model") from None
         raise UserError(f"lora.target_modules: {e}") from None
     return loaded.model
 

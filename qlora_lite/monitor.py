@@ -79,20 +79,28 @@ def sample(probe: Probe) -> dict:
 
 
 def _nvml(handle) -> dict:
+    """Each figure on its own: containers, MIG slices and some laptops refuse one (process list, power) and
+    answer the others."""
     import pynvml
 
+    def read(query, *args):
+        try:
+            return query(handle, *args)
+        except Exception:  # pynvml.NVMLError_NotSupported, NoPermission, ...
+            return None
+
     out = {}
-    try:
-        info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+    if info := read(pynvml.nvmlDeviceGetMemoryInfo):
         out["device_used_gib"], out["device_total_gib"] = info.used / GIB, info.total / GIB
-        mine = [p for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid == os.getpid()]
-        if mine and mine[0].usedGpuMemory:
-            out["process_used_gib"] = mine[0].usedGpuMemory / GIB
-        out["gpu_util_pct"] = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
-        out["temperature_c"] = pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
-        out["power_w"] = pynvml.nvmlDeviceGetPowerUsage(handle) / 1000
-    except Exception:  # a figure the driver does not expose (containers, MIG): keep what we have
-        pass
+    mine = [p.usedGpuMemory for p in read(pynvml.nvmlDeviceGetComputeRunningProcesses) or ()
+            if p.pid == os.getpid() and p.usedGpuMemory]  # none inside a container: its pids are not the host's
+    if mine:
+        out["process_used_gib"] = mine[0] / GIB
+    if util := read(pynvml.nvmlDeviceGetUtilizationRates):
+        out["gpu_util_pct"] = util.gpu
+    out["temperature_c"] = read(pynvml.nvmlDeviceGetTemperature, pynvml.NVML_TEMPERATURE_GPU)
+    if (milliwatts := read(pynvml.nvmlDeviceGetPowerUsage)) is not None:
+        out["power_w"] = milliwatts / 1000
     return out
 
 

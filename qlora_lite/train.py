@@ -8,6 +8,7 @@ logged step in `metrics.jsonl`, and an `on_progress(dict)` hook the CLI renders.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -174,18 +175,19 @@ def train(
     checkpoint = last_checkpoint(run_dir) if resume else None
     started = time.monotonic()
     saved_dir = trained_dir(run_dir, loaded.model)
+    out_of_memory = False
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        save_trained(loaded, saved_dir)
-        last = last_checkpoint(run_dir)
+        out_of_memory = True  # handled below, once the exception's frames (and the activations they hold) are gone
+    if out_of_memory:
+        last = save_after_out_of_memory(trainer, loaded, run_dir)
         raise BudgetError(
-            f"CUDA out of memory at step {trainer.state.global_step}; weights saved to {saved_dir}"
-            + (f", last checkpoint {last.name}" if last else "")
+            f"CUDA out of memory during step {trainer.state.global_step + 1}; weights saved to {saved_dir}"
+            + (f" and a checkpoint to {last}" if last else " (no step had finished: nothing to resume)")
             + ". Lower train.micro_batch_size (raise gradient_accumulation_steps to keep the effective batch) "
-            "or train.max_length, then continue with --resume"
-        ) from None
+            "or train.max_length, then " + ("continue with --resume" if last else "run again")
+        )
     seconds = time.monotonic() - started
     save_trained(loaded, saved_dir)
     losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r and r.get("event") != "end"]
@@ -198,6 +200,21 @@ def train(
         tokens_per_s=tokens / seconds if seconds else 0.0,
         saved_dir=saved_dir,
     )
+
+
+def save_after_out_of_memory(trainer, loaded: LoadedModel, run_dir: Path) -> Path | None:
+    """Free what the failed step held, save the weights, and checkpoint the last finished step to resume from.
+
+    Out of memory strikes in a step's forward or backward pass, before its optimizer update, so the weights,
+    optimizer and scheduler are still those of the last finished step: a checkpoint of them resumes there."""
+    loaded.model.zero_grad(set_to_none=True)  # the failed step's partly accumulated gradients
+    gc.collect()
+    torch.cuda.empty_cache()
+    save_trained(loaded, trained_dir(run_dir, loaded.model))
+    step = trainer.state.global_step
+    if step and not (run_dir / "checkpoints" / f"checkpoint-{step}").is_dir():
+        trainer._save_checkpoint(trainer.model, trial=None)  # what Trainer writes every save_steps
+    return last_checkpoint(run_dir)
 
 
 def trained_dir(run_dir: Path, model) -> Path:

@@ -2,11 +2,17 @@
 and the memory callback on a machine without NVML or a GPU."""
 
 import json
+import os
+from types import SimpleNamespace
 
 import pytest
+import torch
+from transformers import TrainerCallback
 
 from qlora_lite import memory, monitor
+from qlora_lite.memory import GIB
 from qlora_lite import model as model_stage
+from qlora_lite import train as train_stage
 from qlora_lite.cli import main
 from qlora_lite.errors import BudgetError
 from qlora_lite.run import run
@@ -83,6 +89,60 @@ def test_budget_crossed_mid_run_stops_with_adapter_and_checkpoint(tmp_path, tiny
     assert steps[-1] == 4
 
 
+class OutOfMemoryAt(TrainerCallback):
+    """Raises what CUDA raises when a step's activations do not fit, at the start of step `step`."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def out_of_memory_at(monkeypatch, step):
+    real = train_stage.build_trainer
+
+    def build_trainer(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        trainer.add_callback(OutOfMemoryAt(step))
+        return trainer
+
+    monkeypatch.setattr(train_stage, "build_trainer", build_trainer)
+
+
+def test_out_of_memory_mid_run_saves_a_checkpoint_that_resumes_with_a_smaller_micro_batch(
+    tmp_path, tiny_llama, tiny_data, monkeypatch
+):
+    """Steps 1-5 finish, step 6 runs out of memory (save_steps is 6: no checkpoint of the trainer's own yet)."""
+    out_of_memory_at(monkeypatch, 6)
+    recipe = make_recipe(tmp_path, tiny_llama, tiny_data)
+    with pytest.raises(BudgetError) as e:
+        run(recipe)
+    message = str(e.value)
+    assert "out of memory during step 6" in message and "checkpoint-5" in message and "--resume" in message
+    assert (recipe.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (recipe.run_dir / "memory_report.json").is_file()
+    assert last_checkpoint(recipe.run_dir).name == "checkpoint-5"
+
+    monkeypatch.undo()  # the smaller micro-batch fits: same effective batch, continue from checkpoint-5
+    smaller = make_recipe(tmp_path, tiny_llama, tiny_data,
+                          overrides=["train.micro_batch_size=4", "train.gradient_accumulation_steps=2"])
+    result = run(smaller, resume=True)
+    steps = [r["step"] for r in read_metrics(result.run_dir) if "loss" in r and r.get("event") != "end"]
+    assert steps == list(range(1, 13)) and result.train.steps == 12  # no step lost, none repeated
+
+
+def test_out_of_memory_in_the_first_step_says_there_is_nothing_to_resume(
+    tmp_path, tiny_llama, tiny_data, monkeypatch
+):
+    out_of_memory_at(monkeypatch, 1)
+    recipe = make_recipe(tmp_path, tiny_llama, tiny_data)
+    with pytest.raises(BudgetError, match="nothing to resume") as e:
+        run(recipe)
+    assert "--resume" not in str(e.value) and last_checkpoint(recipe.run_dir) is None
+
+
 def test_warn_keeps_training(tmp_path, tiny_llama, tiny_data):
     recipe = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=["train.max_steps=4"])
     loaded, ds = train_directly(recipe)
@@ -112,3 +172,40 @@ def test_monitor_without_nvml_or_gpu_records_rss_and_says_what_is_missing(tmp_pa
     assert (d / "memory_timeline.png").stat().st_size > 1000
     md = (d / "memory_report.md").read_text()
     assert "not measured" in md and "memory_timeline.png" in md
+
+
+def test_monitor_on_a_gpu_reads_each_figure_and_survives_one_nvml_refuses(monkeypatch):
+    """A GPU machine, faked: NVML answers memory, utilization, temperature and power but refuses the process
+    list (as in many containers and MIG slices); torch.cuda gives its counters."""
+    import pynvml
+
+    opened = []
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda index: opened.append(index) or "handle")
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", lambda h: SimpleNamespace(used=7 * GIB, total=24 * GIB))
+
+    def refused(handle):
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetComputeRunningProcesses", refused)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUtilizationRates", lambda h: SimpleNamespace(gpu=97, memory=40))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetTemperature", lambda h, sensor: 71)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetPowerUsage", lambda h: 312_500)  # milliwatts
+    counters = {"memory_allocated": 3, "memory_reserved": 4, "max_memory_allocated": 5, "max_memory_reserved": 6}
+    for name, gib in counters.items():
+        monkeypatch.setattr(torch.cuda, name, lambda gib=gib: gib * GIB)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # torch's device 0 is NVML's device 1
+
+    probe = monitor.open_probe("cuda")
+    assert probe.missing == [] and opened == [1]
+    row = monitor.sample(probe)
+    assert (row["device_used_gib"], row["device_total_gib"], row["gpu_util_pct"]) == (7, 24, 97)
+    assert (row["temperature_c"], row["power_w"]) == (71, 312.5)
+    assert (row["cuda_allocated_gib"], row["cuda_peak_reserved_gib"]) == (3, 6) and "process_used_gib" not in row
+    assert monitor.footprint_gib(row) == 6  # no per-process figure: the budget is checked on peak reserved
+
+    mine = SimpleNamespace(pid=os.getpid(), usedGpuMemory=int(6.5 * GIB))
+    other = SimpleNamespace(pid=os.getpid() + 1, usedGpuMemory=GIB)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetComputeRunningProcesses", lambda h: [other, mine])
+    row = monitor.sample(probe)
+    assert row["process_used_gib"] == 6.5 and monitor.footprint_gib(row) == 6.5

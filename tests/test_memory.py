@@ -524,6 +524,9 @@ def test_plan_notes_an_unchecked_family_and_experts():
     recipe = Recipe(name="t", model=ModelRecipe(name="x"), lora=LoraRecipe(dropout=0.0))
     moe = plan_memory(recipe, AutoConfig.for_model("mixtral", num_local_experts=4, **small))
     assert any("mixtral is not among" in n for n in moe.notes) and any("4 experts" in n for n in moe.notes)
+    fused = 2 * 4 * (2 * 128 * 64 + 64 * 128)  # layers x experts x (gate_up + down), left 16-bit by bitsandbytes
+    assert any(f"{2 * fused / GIB:.2f} GiB of them stay in 16-bit" in n for n in moe.notes)
+    assert moe.components["weights_16bit"] * GIB >= 2 * fused
     assert plan_memory(recipe, AutoConfig.for_model("llama", **small)).notes == ()
 
 

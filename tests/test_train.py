@@ -173,3 +173,23 @@ def test_cli_unknown_model_is_a_clean_error(tmp_path, tiny_data, capsys):
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert "model.name" in err and "Traceback" not in err
+
+
+def test_lora_on_fused_experts_names_the_dropout_and_trains_without_it():
+    """transformers 5 fuses Mixtral's experts into 3-D parameters; PEFT wraps them only without LoRA dropout."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from qlora_lite.recipe import LoraRecipe, TrainRecipe
+
+    config = MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=64, num_local_experts=4, num_experts_per_tok=2)
+
+    def attach(dropout):
+        loaded = model_stage.LoadedModel(AutoModelForCausalLM.from_config(config), None, False, "cpu",
+                                         torch.float32, "tiny-mixtral")
+        return model_stage.attach_lora(loaded, LoraRecipe(dropout=dropout), TrainRecipe(gradient_checkpointing=False))
+
+    with pytest.raises(UserError, match=r"^lora\.dropout: .*Set lora\.dropout = 0"):
+        attach(0.05)
+    model = attach(0.0)
+    assert any("experts" in name and p.requires_grad for name, p in model.named_parameters())
