@@ -240,26 +240,32 @@ def run_gpu(models: list[str], methods: list[str], size: str, smoke: bool) -> li
     points = [{"model": m, "method": k, "max_length": 64, "micro_batch_size": 2, "r": 8, "gradient_checkpointing": ckpt}
               for m in SMOKE for k in methods for ckpt in (True, False)] if smoke else grid(models, methods, size)
     for point in points:
-        job = {**point, "cache": str(cache), "device": "cpu" if smoke else "cuda"}
-        done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
-                              text=True, timeout=1800)
-        lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
-        if done.returncode or not lines:
-            rows.append({**point, "error": (done.stderr.strip().splitlines() or ["?"])[-1]})
-            continue
-        measured = json.loads(lines[-1])
-        plan = predict(point_recipe(point, job["device"]), MODELS[point["model"]], job["device"])
-        reserve = plan["train"]["allocator_reserve"]
-        base_copy = plan["eval"]["weights_16bit"] if point["method"] == "full" else 0.0  # the worker reloads none
-        predicted = {"train_alloc": plan["train_allocated"], "train_reserved": plan["train_allocated"] + reserve,
-                     "eval_alloc": plan["eval_allocated"] - base_copy,
-                     "eval_reserved": plan["eval_allocated"] - base_copy + plan["eval"]["allocator_reserve"]}
-        row = {**point, "load_reserved_meas": round(measured["load_reserved"], 3)}
-        for key, value in predicted.items():
-            row[f"{key}_pred"], row[f"{key}_meas"] = round(value, 3), round(measured[key], 3)
-            row[f"{key}_err_pct"] = round(100 * (value - measured[key]) / measured[key], 1) if measured[key] else None
-        rows.append(row)
+        rows.append(measure_point(point, cache, "cpu" if smoke else "cuda"))
+        # One JSON line per point on stderr as it finishes: a run cut off by a time limit keeps what it measured.
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
+
+
+def measure_point(point: dict, cache: Path, device: str) -> dict:
+    """Real steps in a fresh process (its own CUDA context and peak counters), against the plan of the same recipe."""
+    job = {**point, "cache": str(cache), "device": device}
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
+                          text=True, timeout=1800)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
+    if done.returncode or not lines:
+        return {**point, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+    measured = json.loads(lines[-1])
+    plan = predict(point_recipe(point, device), MODELS[point["model"]], device)
+    reserve = plan["train"]["allocator_reserve"]
+    base_copy = plan["eval"]["weights_16bit"] if point["method"] == "full" else 0.0  # the worker reloads none
+    predicted = {"train_alloc": plan["train_allocated"], "train_reserved": plan["train_allocated"] + reserve,
+                 "eval_alloc": plan["eval_allocated"] - base_copy,
+                 "eval_reserved": plan["eval_allocated"] - base_copy + plan["eval"]["allocator_reserve"]}
+    row = {**point, "load_reserved_meas": round(measured["load_reserved"], 3)}
+    for key, value in predicted.items():
+        row[f"{key}_pred"], row[f"{key}_meas"] = round(value, 3), round(measured[key], 3)
+        row[f"{key}_err_pct"] = round(100 * (value - measured[key]) / measured[key], 1) if measured[key] else None
+    return row
 
 
 def worker(job: dict) -> dict:
