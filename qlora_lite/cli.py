@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]: continue from the last checkpoint with --resume")
+        hint = ": continue with the same command and --resume" if args.command in ("run", "compare") else ""
+        err_console.print(f"[yellow]interrupted[/]{hint}")
         return 130
 
 

@@ -139,7 +139,8 @@ def encode_target(row: dict, target_column: str, tokenizer) -> list[int]:
 # ---------------------------------------------------------------- examples
 
 
-def build_examples(rows, tokenizer, data: DataRecipe, prompt: PromptRecipe, train: TrainRecipe, is_encoder_decoder):
+def build_examples(rows, tokenizer, data: DataRecipe, prompt: PromptRecipe, train: TrainRecipe, is_encoder_decoder,
+                   split: str = "train"):
     """Tokenized examples and their `DataStats`.
 
     Decoder-only: input_ids = prompt + target + EOS, labels = -100 over the prompt.
@@ -177,7 +178,7 @@ def build_examples(rows, tokenizer, data: DataRecipe, prompt: PromptRecipe, trai
     stats = DataStats(len(examples), empty, too_long, truncated, prompt_max, target_max, total)
     if not examples:
         raise UserError(
-            f"no usable rows: {empty} empty, {too_long} with targets longer than the length limit "
+            f"data.{split} ({getattr(data, split)}): no usable rows: {empty} empty, {too_long} with targets longer than the length limit "
             f"(train.max_length / train.max_target_length); raise the limit or check the columns"
         )
     return Dataset.from_list(examples), stats

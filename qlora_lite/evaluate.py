@@ -130,6 +130,9 @@ def held_out_rows(recipe: Recipe, split: str | None = None) -> tuple[str, list[d
     rows = data_stage.load_splits(recipe.data, recipe.prompt, names=(split,))[split]
     columns = (recipe.data.input_column, recipe.data.target_column)
     kept = [row for row in rows if all(str(row[c] or "").strip() for c in columns)]
+    if not kept:
+        raise UserError(f"data.{split} ({getattr(recipe.data, split)}): no rows with both {columns[0]!r} and "
+                        f"{columns[1]!r} text to evaluate on")
     return split, kept[: recipe.eval.max_samples]
 
 

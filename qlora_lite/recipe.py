@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import tomllib
 import types
@@ -95,7 +96,7 @@ class LoraRecipe:
 @dataclass(frozen=True)
 class TrainRecipe:
     max_steps: int | None = _opt(None, lo=1, doc="optimizer steps; set this or epochs")
-    epochs: float | None = _opt(None, lo=0, doc="passes over the training split (default 1)")
+    epochs: float | None = _opt(None, lo=0.01, doc="passes over the training split (default 1)")
     micro_batch_size: int = _opt(4, lo=1, doc="sequences per forward pass")
     gradient_accumulation_steps: int = _opt(4, lo=1, doc="micro-batches per optimizer step")
     learning_rate: float = _opt(2e-4, lo=0, hi=1, doc="peak learning rate")
@@ -292,7 +293,9 @@ def _build(cls, section: str, table: dict, problems: list[str]):
         if problem is None:
             meta = fields[key].metadata
             lo, hi = meta.get("lo"), meta.get("hi")
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison
+                problem = f"expected a finite number, got {value!r}"
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 if lo is not None and value < lo or hi is not None and value > hi:
                     problem = f"expected a value in [{lo}, {'∞' if hi is None else hi}], got {value!r}"
         if problem:
@@ -393,6 +396,12 @@ def _cross_checks(s: dict, base_dir: Path) -> list[str]:
         )
     if prompt.system is not None and not prompt.chat_template:
         problems.append("prompt.system: only used with prompt.chat_template = true")
+    if s["eval"].enabled and data.test is None and data.eval is None:
+        problems.append("eval.enabled (the default) needs a held-out split to evaluate on: set data.test or "
+                        "data.eval, or [eval] enabled = false")
+    forgetting = s["eval"].forgetting
+    if forgetting and forgetting.endswith((".txt", *DATA_FILE_SUFFIXES)) and not (base_dir / forgetting).is_file():
+        problems.append(f"eval.forgetting: file {forgetting} not found (looked in {(base_dir / forgetting).resolve()})")
     if budget.gpu is not None and budget.gpu_memory_gib is not None:
         problems.append("budget: set gpu or gpu_memory_gib, not both")
     for split in ("train", "eval", "test"):

@@ -55,6 +55,8 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
 
     # Data, then model: a missing file, column or model fails here, and leaves nothing behind.
     splits = data_stage.load_splits(recipe.data, recipe.prompt)
+    if recipe.eval.enabled:
+        evaluate.held_out_rows(recipe)  # an unusable held-out split fails now, not after training
     loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train, recipe.method)
     train_ds, stats = data_stage.build_examples(
         splits["train"], loaded.tokenizer, recipe.data, recipe.prompt, recipe.train, loaded.is_encoder_decoder
@@ -62,7 +64,8 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
     eval_ds = None
     if "eval" in splits:
         eval_ds, _ = data_stage.build_examples(
-            splits["eval"], loaded.tokenizer, recipe.data, recipe.prompt, recipe.train, loaded.is_encoder_decoder
+            splits["eval"], loaded.tokenizer, recipe.data, recipe.prompt, recipe.train, loaded.is_encoder_decoder,
+            split="eval",
         )
     run_dir = create_run_dir(recipe, loaded.device)
     model_stage.attach_method(loaded, recipe)
@@ -164,7 +167,8 @@ def plan_within_budget(recipe: Recipe, notify) -> tuple[Recipe, memory.MemoryPla
 
 
 def check_run_dir(recipe: Recipe, resume: bool) -> None:
-    """Never overwrite a run. With resume, the run must exist, have a checkpoint, and match the recipe."""
+    """Never overwrite a run. With resume, the run must exist and match the recipe, and continues from its last
+    checkpoint; one stopped before its first checkpoint starts over in place."""
     run_dir = recipe.run_dir
     saved = run_dir / "recipe.toml"
     if not resume:
@@ -176,14 +180,26 @@ def check_run_dir(recipe: Recipe, resume: bool) -> None:
         return
     if not saved.is_file():
         raise UserError(f"--resume: no run at {run_dir} (no recipe.toml there); run without --resume to start it")
-    if train_stage.last_checkpoint(run_dir) is None:
-        raise UserError(f"--resume: {run_dir} has no checkpoint yet; remove it or pick a new name to start over")
+    last = train_stage.last_checkpoint(run_dir)
+    if last is None and any((run_dir / d).exists() for d in ("adapter", "model")):
+        raise UserError(f"--resume: {run_dir} has trained weights but no checkpoint to continue from; "
+                        f"pick a new name to train again (--set name=NEW_NAME)")
+    if last is None:  # stopped before its first checkpoint: nothing to continue, nothing to lose but its logs
+        for log in ("metrics.jsonl", "memory.jsonl"):
+            (run_dir / log).unlink(missing_ok=True)
+        return  # trains from step 0 in the same folder
     before = load_recipe(saved)
     changed = [s for s in FROZEN_ON_RESUME if getattr(before, s) != getattr(recipe, s)]
     if changed:
         raise UserError(
             f"--resume: the recipe's [{'], ['.join(changed)}] differ from the run in {run_dir}; "
             f"a checkpoint only continues the same model, data and adapter. Use a new name to start over"
+        )
+    done = json.loads((last / "trainer_state.json").read_text())["global_step"]
+    if recipe.train.max_steps is not None and done >= recipe.train.max_steps:
+        raise UserError(  # the Trainer would run one step past max_steps
+            f"--resume: {run_dir} already trained {done} steps ({last.name}) and train.max_steps is "
+            f"{recipe.train.max_steps}; raise train.max_steps to train further, or use eval, merge or report on it"
         )
 
 

@@ -120,6 +120,18 @@ class MetricsLog(TrainerCallback):
             self.on_progress({"event": "log", "max_steps": state.max_steps, **row})
 
 
+class RateOnResume(TrainerCallback):
+    """A run resumed with more steps trains on the schedule of the new total from its first resumed step.
+
+    The checkpoint's optimizer holds the old schedule's next rate (0 where a decay ended) while the rebuilt scheduler
+    already spans the new max_steps: without this, the first resumed step trained at the old rate."""
+
+    def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        if state.global_step and isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
+            lr_scheduler.last_epoch -= 1
+            lr_scheduler.step()  # writes the new schedule's rate for this step into the optimizer
+
+
 def build_trainer(loaded: LoadedModel, train_ds, eval_ds, train: TrainRecipe, run_dir: Path, callbacks: list):
     """The decoder-only (SFTTrainer) or encoder-decoder (Seq2SeqTrainer) trainer for this model."""
     common = _common_args(train, loaded, run_dir / "checkpoints", eval_ds is not None)
@@ -170,7 +182,7 @@ def train(
     """Train, save the adapter (PEFT format) or the full model, with the tokenizer, return what happened."""
     torch.manual_seed(train.seed)
     metrics = MetricsLog(run_dir / "metrics.jsonl", on_progress)
-    trainer = build_trainer(loaded, train_ds, eval_ds, train, run_dir, [metrics, *callbacks])
+    trainer = build_trainer(loaded, train_ds, eval_ds, train, run_dir, [metrics, RateOnResume(), *callbacks])
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the progress hook replaces it
     checkpoint = last_checkpoint(run_dir) if resume else None
     started = time.monotonic()

@@ -7,7 +7,7 @@ import pytest
 from qlora_lite.recipe import RecipeError, load_recipe, recipe_from_dict, recipe_to_toml, reference
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = {"name": "r", "model": {"name": "some/model"}, "data": {"source": "some/dataset"}}
+BASE = {"name": "r", "model": {"name": "some/model"}, "data": {"source": "some/dataset", "test": "test"}}
 
 
 def problems(raw: dict, overrides=()) -> list[str]:
@@ -72,7 +72,7 @@ def test_name_must_be_a_directory_name():
 
 
 def test_model_name_required():
-    (p,) = problems({"name": "r", "data": {"source": "d"}})
+    (p,) = problems({"name": "r", "data": {"source": "d", "test": "test"}})
     assert "model.name" in p
 
 
@@ -87,12 +87,12 @@ def test_template_needs_a_placeholder():
 
 
 def test_split_name_needs_a_source():
-    (p,) = problems({"name": "r", "model": {"name": "m"}, "data": {"train": "train"}})
+    (p,) = problems({"name": "r", "model": {"name": "m"}, "data": {"train": "train"}, "eval": {"enabled": False}})
     assert "data.train" in p and "data.source" in p
 
 
 def test_missing_data_file_names_the_file(tmp_path):
-    (p,) = problems({"name": "r", "model": {"name": "m"}, "data": {"train": "nope.jsonl"}})
+    (p,) = problems({"name": "r", "model": {"name": "m"}, "data": {"train": "nope.jsonl"}, "eval": {"enabled": False}})
     assert "data.train" in p and "nope.jsonl" in p
 
 
@@ -147,7 +147,8 @@ def test_missing_recipe_file(tmp_path):
 def test_data_paths_resolve_against_the_recipe_folder(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "train.jsonl").write_text('{"dialogue": "a", "summary": "b"}\n')
-    (tmp_path / "r.toml").write_text('name = "r"\n[model]\nname = "m"\n[data]\ntrain = "d/train.jsonl"\n')
+    (tmp_path / "r.toml").write_text('name = "r"\n[model]\nname = "m"\n[data]\ntrain = "d/train.jsonl"\n'
+                                     '[eval]\nenabled = false\n')
     recipe = load_recipe(tmp_path / "r.toml")
     assert recipe.data.train == str(tmp_path / "d" / "train.jsonl")
 
@@ -170,3 +171,20 @@ def test_shipped_recipes_load_and_start_with_their_command(path):
     assert recipe.name
     first = path.read_text().splitlines()[0]
     assert first == f"# python -m qlora_lite run recipes/{path.name}"
+
+
+def test_evaluation_without_a_held_out_split_is_refused_before_training():
+    """eval is on by default: a recipe with only data.train used to train fully, then fail."""
+    (p,) = problems({"name": "r", "model": {"name": "m"}, "data": {"source": "d"}})
+    assert "data.test or data.eval" in p and "enabled = false" in p
+    (p,) = problems(with_("eval", forgetting="missing.txt"))
+    assert p.startswith("eval.forgetting: file missing.txt not found")
+
+
+@pytest.mark.parametrize("section, key, value", [("train", "learning_rate", float("nan")),
+                                                 ("lora", "alpha", float("inf")),
+                                                 ("budget", "gpu_memory_gib", float("nan")),
+                                                 ("train", "epochs", 0.0)])
+def test_nan_infinity_and_zero_epochs_are_refused(section, key, value):
+    (p,) = problems(with_(section, **{key: value}))
+    assert p.startswith(f"{section}.{key}:")

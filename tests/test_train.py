@@ -193,3 +193,56 @@ def test_lora_on_fused_experts_names_the_dropout_and_trains_without_it():
         attach(0.05)
     model = attach(0.0)
     assert any("experts" in name and p.requires_grad for name, p in model.named_parameters())
+
+
+def test_resume_with_more_steps_follows_the_new_schedule_from_the_first_resumed_step(tmp_path, tiny_llama, tiny_data):
+    """A decaying schedule ends at 0 after max_steps: the optimizer's saved lr is 0. Resumed with more steps, the
+    schedule spans the new total, and the first resumed step trains at its rate on it (it used to train at 0)."""
+    linear = ["train.lr_scheduler=linear", "train.max_steps=6"]
+    run(make_recipe(tmp_path, tiny_llama, tiny_data, overrides=linear))
+    adapter = tmp_path / "runs" / "t" / "adapter" / "adapter_model.safetensors"
+    before = adapter.read_bytes()
+    longer = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=[*linear[:1], "train.max_steps=7"])
+    result = run(longer, resume=True)
+    rates = {r["step"]: r["learning_rate"] for r in read_metrics(result.run_dir) if "learning_rate" in r}
+    assert rates[6] == pytest.approx(5e-3 * (1 - 5 / 6))  # the rate each step trained at, on a 6-step schedule
+    assert rates[7] == pytest.approx(5e-3 * (1 - 6 / 7))  # on the 7-step schedule
+    assert result.train.steps == 7 and adapter.read_bytes() != before  # step 7 moved the weights
+
+
+def test_resume_of_a_run_that_trained_all_its_steps_says_so(tmp_path, tiny_llama, tiny_data):
+    recipe = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=["train.max_steps=6"])  # checkpoint-6 at the end
+    run(recipe)
+    with pytest.raises(UserError, match=r"already trained 6 steps .*raise train\.max_steps"):
+        run(recipe, resume=True)  # the Trainer would have trained a 7th step
+
+
+def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_over(tmp_path, tiny_llama, tiny_data,
+                                                                             monkeypatch):
+    """Ctrl-C at step 3 (save_steps 6): no checkpoint, no weights. --resume used to refuse ("no checkpoint yet")
+    while a plain run refused the existing folder: the user had to delete it by hand."""
+    from transformers import TrainerCallback
+
+    from qlora_lite import train as train_stage
+
+    class Interrupt(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    real = train_stage.build_trainer
+
+    def build_trainer(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        trainer.add_callback(Interrupt())
+        return trainer
+
+    monkeypatch.setattr(train_stage, "build_trainer", build_trainer)
+    recipe = make_recipe(tmp_path, tiny_llama, tiny_data)
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe)
+    assert (recipe.run_dir / "metrics.jsonl").is_file() and not list(recipe.run_dir.glob("checkpoints/checkpoint-*"))
+    monkeypatch.undo()
+    result = run(recipe, resume=True)
+    steps = [r["step"] for r in read_metrics(result.run_dir) if "loss" in r and r.get("event") != "end"]
+    assert steps == list(range(1, 13))  # from step 0, the interrupted attempt's log gone
