@@ -178,7 +178,8 @@ def build_examples(rows, tokenizer, data: DataRecipe, prompt: PromptRecipe, trai
     stats = DataStats(len(examples), empty, too_long, truncated, prompt_max, target_max, total)
     if not examples:
         raise UserError(
-            f"data.{split} ({getattr(data, split)}): no usable rows: {empty} empty, {too_long} with targets longer than the length limit "
-            f"(train.max_length / train.max_target_length); raise the limit or check the columns"
+            f"data.{split} ({getattr(data, split)}): no usable rows: {empty} empty, {too_long} with targets "
+            f"longer than the length limit (train.max_length / train.max_target_length); raise the limit or check "
+            f"the columns"
         )
     return Dataset.from_list(examples), stats

@@ -120,14 +120,15 @@ def base_model(loaded: model_stage.LoadedModel, recipe: Recipe):
         free_accelerator_memory(next(loaded.model.parameters()).device)
 
 
-def held_out_rows(recipe: Recipe, split: str | None = None) -> tuple[str, list[dict]]:
-    """("test" or "eval", its first eval.max_samples non-empty rows); "test" falls back to "eval" when unset."""
+def held_out_rows(recipe: Recipe, split: str | None = None, splits: dict | None = None) -> tuple[str, list[dict]]:
+    """("test" or "eval", its first eval.max_samples non-empty rows); "test" falls back to "eval" when unset.
+    `splits`: the splits `run` already loaded; else the one split is loaded here."""
     split = split or recipe.eval.split
     if split == "test" and recipe.data.test is None:
         split = "eval"
     if getattr(recipe.data, split) is None:
         raise UserError("evaluation needs a held-out split: set data.test or data.eval in the recipe")
-    rows = data_stage.load_splits(recipe.data, recipe.prompt, names=(split,))[split]
+    rows = (splits or data_stage.load_splits(recipe.data, recipe.prompt, names=(split,)))[split]
     columns = (recipe.data.input_column, recipe.data.target_column)
     kept = [row for row in rows if all(str(row[c] or "").strip() for c in columns)]
     if not kept:

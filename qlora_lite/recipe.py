@@ -401,7 +401,7 @@ def _cross_checks(s: dict, base_dir: Path) -> list[str]:
                         "data.eval, or [eval] enabled = false")
     forgetting = s["eval"].forgetting
     if forgetting and forgetting.endswith((".txt", *DATA_FILE_SUFFIXES)) and not (base_dir / forgetting).is_file():
-        problems.append(f"eval.forgetting: file {forgetting} not found (looked in {(base_dir / forgetting).resolve()})")
+        problems.append(_not_found("eval.forgetting", forgetting, base_dir))
     if budget.gpu is not None and budget.gpu_memory_gib is not None:
         problems.append("budget: set gpu or gpu_memory_gib, not both")
     for split in ("train", "eval", "test"):
@@ -410,13 +410,17 @@ def _cross_checks(s: dict, base_dir: Path) -> list[str]:
             continue
         if value.endswith(DATA_FILE_SUFFIXES):
             if not (base_dir / value).is_file():
-                problems.append(f"data.{split}: file {value} not found (looked in {(base_dir / value).resolve()})")
+                problems.append(_not_found(f"data.{split}", value, base_dir))
         elif data.source is None:
             problems.append(
                 f"data.{split}: {value!r} is a split name but data.source is not set; set data.source "
                 f"to a dataset id or folder, or point data.{split} to a .jsonl/.json/.csv/.parquet file"
             )
     return problems
+
+
+def _not_found(key: str, value: str, base_dir: Path) -> str:
+    return f"{key}: file {value} not found (looked in {(base_dir / value).resolve()})"
 
 
 def _resolve_data_paths(data: DataRecipe, base_dir: Path) -> DataRecipe:

@@ -56,7 +56,7 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
     # Data, then model: a missing file, column or model fails here, and leaves nothing behind.
     splits = data_stage.load_splits(recipe.data, recipe.prompt)
     if recipe.eval.enabled:
-        evaluate.held_out_rows(recipe)  # an unusable held-out split fails now, not after training
+        evaluate.held_out_rows(recipe, splits=splits)  # an unusable held-out split fails now, not after training
     loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train, recipe.method)
     train_ds, stats = data_stage.build_examples(
         splits["train"], loaded.tokenizer, recipe.data, recipe.prompt, recipe.train, loaded.is_encoder_decoder
@@ -181,10 +181,10 @@ def check_run_dir(recipe: Recipe, resume: bool) -> None:
     if not saved.is_file():
         raise UserError(f"--resume: no run at {run_dir} (no recipe.toml there); run without --resume to start it")
     last = train_stage.last_checkpoint(run_dir)
-    if last is None and any((run_dir / d).exists() for d in ("adapter", "model")):
-        raise UserError(f"--resume: {run_dir} has trained weights but no checkpoint to continue from; "
-                        f"pick a new name to train again (--set name=NEW_NAME)")
     if last is None:  # stopped before its first checkpoint: nothing to continue, nothing to lose but its logs
+        if any((run_dir / d).exists() for d in ("adapter", "model")):
+            raise UserError(f"--resume: {run_dir} has trained weights but no checkpoint to continue from; "
+                            f"pick a new name to train again (--set name=NEW_NAME)")
         for log in ("metrics.jsonl", "memory.jsonl"):
             (run_dir / log).unlink(missing_ok=True)
         return  # trains from step 0 in the same folder
