@@ -34,12 +34,10 @@ def quiet_libraries(debug: bool) -> None:
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("DATASETS_VERBOSITY", "critical")  # it logs a parser error it then raises: data.py names it
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
-    import transformers
-
-    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore")  # transformers' progress bars follow HF_HUB_DISABLE_PROGRESS_BARS: no import here
     for name in ("bitsandbytes", "transformers", "datasets", "peft", "trl", "accelerate", "torch", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -205,30 +203,31 @@ def cmd_plan(args) -> int:
     from qlora_lite.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    config = memory.load_model_config(recipe.model)
     if args.method is not None:
-        from qlora_lite.compare import parse_methods
+        from qlora_lite.recipe import parse_methods
 
-        return plan_methods(recipe, config, parse_methods(args.method, "--method"), args.json)
-    plan = memory.plan_memory(recipe, config)
+        return plan_methods(recipe, parse_methods(args.method, "--method"), args.json)
+    arch = memory.recipe_arch(recipe)  # cached: a repeated plan imports no torch
+    plan = memory.plan_from_arch(recipe, arch)
     if args.json:
         print(json.dumps(plan.to_json(), indent=2))
     else:
         console.print(plan_table(plan, recipe.name))
         if plan.fits is False:
-            fitted = memory.fit_to_budget(recipe, config)
+            fitted = memory.fit_to_budget(recipe, arch)
             advice = f"cheapest change that fits: {fitted[1]}" if fitted else "no batch or checkpointing change fits"
             console.print(f"[bold red]does not fit[/] the {plan.budget_gib:g} GiB budget; {escape(advice)}")
     return 3 if plan.fits is False else 0
 
 
-def plan_methods(recipe, config, methods: list[str], as_json: bool) -> int:
+def plan_methods(recipe, methods: list[str], as_json: bool) -> int:
     """One plan per method (one method: the usual table); exit 3 when none of them fits."""
     import json
 
     from qlora_lite import memory
 
-    plans = {kind: memory.plan_memory(recipe.with_method(kind), config) for kind in methods}
+    recipes = {kind: recipe.with_method(kind) for kind in methods}
+    plans = {kind: memory.plan_from_arch(r, memory.recipe_arch(r)) for kind, r in recipes.items()}
     if as_json:
         print(json.dumps({"methods": {k: p.to_json() for k, p in plans.items()}}, indent=2))
     elif len(plans) == 1:
@@ -267,8 +266,8 @@ def count(n: int) -> str:
 
 
 def cmd_compare(args) -> int:
-    from qlora_lite.compare import compare, compare_dir, parse_methods, table_rows
-    from qlora_lite.recipe import load_recipe
+    from qlora_lite.compare import compare, compare_dir, table_rows
+    from qlora_lite.recipe import load_recipe, parse_methods
 
     recipe = load_recipe(args.recipe, args.overrides)
     methods = parse_methods(args.methods)

@@ -22,21 +22,8 @@ from qlora_lite import train as train_stage
 from qlora_lite.errors import BudgetError, UserError
 from qlora_lite.recipe import Recipe
 
-METHODS = ("qlora", "lora", "full", "prompt_tuning")
 LR_SCALE = {"qlora": 1.0, "lora": 1.0, "full": 0.1, "prompt_tuning": 50.0}
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-
-
-def parse_methods(text: str | None, flag: str = "--methods") -> list[str]:
-    """"qlora,full" -> ["qlora", "full"]; None or "all" -> every method. Unknown names are a UserError."""
-    if text is None or text == "all":
-        return list(METHODS)
-    chosen = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in chosen if m not in METHODS]
-    if unknown or not chosen:
-        raise UserError(f"{flag}: unknown method {', '.join(unknown) or '(none given)'}; "
-                        f"choose from {', '.join(METHODS)} (comma-separated) or all")
-    return list(dict.fromkeys(chosen))
 
 
 def compare_dir(recipe: Recipe) -> Path:
@@ -68,6 +55,11 @@ def compare(recipe: Recipe, methods: list[str], *, resume: bool = False,
     for kind in methods:
         sub = method_recipe(recipe, kind)
         if finished(sub.run_dir):
+            changed = run_stage.changed_sections(sub)
+            if changed:
+                raise UserError(f"--resume: the finished {kind} run in {sub.run_dir} was trained with another "
+                                f"[{'], ['.join(changed)}] than this recipe's; compare under a new name "
+                                f"(--set name=NEW_NAME) to run every method again")
             notify("method_skipped", {"method": kind, "run_dir": sub.run_dir})
             continue
         notify("method", {"method": kind, "learning_rate": sub.train.learning_rate, "run_dir": sub.run_dir})

@@ -8,6 +8,7 @@ is never cut: a row whose target cannot fit is dropped. Both paths report what t
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +64,7 @@ def _load_one(data: DataRecipe, split: str, where: str):
 
     try:
         if where.endswith(DATA_FILE_SUFFIXES):
-            kind = {"jsonl": "json"}.get(Path(where).suffix[1:], Path(where).suffix[1:])
-            return load_dataset(kind, data_files=where, split="train")
+            return _load_file(split, Path(where))
         return load_dataset(data.source, split=where)
     except (FileNotFoundError, ValueError) as e:
         # datasets raises ValueError for unknown splits and FileNotFoundError/DatasetNotFoundError for ids
@@ -76,6 +76,65 @@ def _load_one(data: DataRecipe, split: str, where: str):
                 f"download the data and point data.train/eval/test at local files"
             ) from None
         raise
+
+
+def _load_file(split: str, path: Path):
+    """A local file through `datasets`, with what is wrong with it named (datasets raises StopIteration for an
+    empty file, DatasetGenerationError for a bad line, and reads Latin-1 bytes in only to fail at tokenization)."""
+    from datasets import load_dataset
+
+    kind = {"jsonl": "json"}.get(path.suffix[1:], path.suffix[1:])
+    if kind != "parquet":
+        _check_text(split, path)
+    try:
+        return load_dataset(kind, data_files=str(path), split="train")
+    except (FileNotFoundError, UserError):
+        raise
+    except Exception as e:  # noqa: BLE001: every parser failure becomes one message naming the file
+        cause = e.__cause__ or e
+        where = _first_bad_json_line(path) if kind == "json" else None
+        detail = where or f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+        raise UserError(f"data.{split} ({path}): cannot read it as {path.suffix[1:]}: {detail}") from None
+
+
+def _check_text(split: str, path: Path) -> None:
+    """Refuse an empty file or one that is not UTF-8, naming the line of the first bad byte."""
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise UserError(f"data.{split} ({path}): the file is empty")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"data.{split} ({path}): the file is UTF-16 text; save it as UTF-8")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(
+            f"data.{split} ({path}): not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save it as "
+            f"UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}` for Latin-1"
+        ) from None
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """Where a JSON file goes wrong: 'line N ...' for the first line of a JSON Lines file that is not a JSON object,
+    or the parser's position in a .json document; None when the JSON itself is fine."""
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix == ".json":
+        try:
+            json.loads(text)
+            return None
+        except json.JSONDecodeError as e:
+            if not text.lstrip().startswith("{"):  # else maybe JSON Lines in a .json file: read it line by line
+                return f"line {e.lineno}, column {e.colno}: {e.msg}"
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {number} is not valid JSON (column {e.colno}: {e.msg}); JSON Lines hold one object a line"
+        if not isinstance(value, dict):
+            return f"line {number} is a JSON {type(value).__name__}, not an object with the recipe's columns"
+    return None
 
 
 # ---------------------------------------------------------------- prompts

@@ -99,7 +99,7 @@ def read_run(run_dir: Path) -> Recipe:
     if not any(path.is_file() for path in saved):
         raise UserError(f"{run_dir} has no trained weights yet (no adapter/ or model/); finish the run, "
                         f"or continue it with --resume")
-    return load_recipe(run_dir / "recipe.toml")
+    return load_recipe(run_dir / "recipe.toml", files_must_exist=False)
 
 
 @contextlib.contextmanager
@@ -120,19 +120,25 @@ def base_model(loaded: model_stage.LoadedModel, recipe: Recipe):
         free_accelerator_memory(next(loaded.model.parameters()).device)
 
 
-def held_out_rows(recipe: Recipe, split: str | None = None, splits: dict | None = None) -> tuple[str, list[dict]]:
-    """("test" or "eval", its first eval.max_samples non-empty rows); "test" falls back to "eval" when unset.
-    `splits`: the splits `run` already loaded; else the one split is loaded here."""
+def held_out_split(recipe: Recipe, split: str | None = None) -> tuple[str, str]:
+    """(split, where its data is): `split` or eval.split; "test" falls back to "eval" when data.test is unset."""
     split = split or recipe.eval.split
     if split == "test" and recipe.data.test is None:
         split = "eval"
     if getattr(recipe.data, split) is None:
         raise UserError("evaluation needs a held-out split: set data.test or data.eval in the recipe")
+    return split, getattr(recipe.data, split)
+
+
+def held_out_rows(recipe: Recipe, split: str | None = None, splits: dict | None = None) -> tuple[str, list[dict]]:
+    """(split as `held_out_split` picks it, its first eval.max_samples non-empty rows).
+    `splits`: the splits `run` already loaded; else the one split is loaded here."""
+    split, where = held_out_split(recipe, split)
     rows = (splits or data_stage.load_splits(recipe.data, recipe.prompt, names=(split,)))[split]
     columns = (recipe.data.input_column, recipe.data.target_column)
     kept = [row for row in rows if all(str(row[c] or "").strip() for c in columns)]
     if not kept:
-        raise UserError(f"data.{split} ({getattr(recipe.data, split)}): no rows with both {columns[0]!r} and "
+        raise UserError(f"data.{split} ({where}): no rows with both {columns[0]!r} and "
                         f"{columns[1]!r} text to evaluate on")
     return split, kept[: recipe.eval.max_samples]
 
@@ -238,12 +244,17 @@ def score(predictions: list[str], references: list[str], metrics) -> dict[str, f
 def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str | Path, *,
                  split: str | None = None) -> EvalResult:
     """Generate with the base (adapter disabled) and the tuned model, score both, write eval.json and samples.md.
+    Another split than the run's own (`eval --split eval` of a run evaluated on test) writes eval-<split>.json and
+    samples-<split>.md, so the run's own evaluation, which the report and compare read, is kept.
 
     `loaded.model` must be a PEFT model; it is left in eval mode.
     """
     started = time.monotonic()
     run_dir = Path(run_dir)
+    own_split = held_out_split(recipe)[0]
     split, rows = held_out_rows(recipe, split)
+    suffix = "" if split == own_split else f"-{split}"
+    eval_json, samples_md = run_dir / f"eval{suffix}.json", run_dir / f"samples{suffix}.md"
     prompts = encode_prompts(rows, recipe, loaded.tokenizer, loaded.is_encoder_decoder)
     references = [str(row[recipe.data.target_column]).strip() for row in rows]
     model = loaded.model
@@ -289,12 +300,12 @@ def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str |
         "seconds": seconds,
         "forgetting": asdict(forgetting) if forgetting else None,
     }
-    (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_samples(run_dir / "samples.md", split, rows, recipe, references, texts)
+    eval_json.write_text(json.dumps(report, indent=2) + "\n")
+    write_samples(samples_md, split, rows, recipe, references, texts)
     return EvalResult(
         split=split, n=len(rows), base=report["base"], tuned=report["tuned"], seconds=seconds["total"],
         max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size, forgetting=forgetting,
-        eval_json=run_dir / "eval.json", samples_md=run_dir / "samples.md",
+        eval_json=eval_json, samples_md=samples_md,
     )
 
 

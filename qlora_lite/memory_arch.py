@@ -12,7 +12,7 @@ import copy
 import math
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from qlora_lite.errors import UserError
 from qlora_lite.recipe import Recipe
@@ -61,6 +61,17 @@ class Arch:
     activation_dropout: float  # on the MLP's intermediate activation
     block_norms: tuple[tuple[str, int], ...]  # (stream, norm layers in a block): Llama 2, Gemma-2 4, T5's decoder 3
     relative_bias: bool  # T5-style relative position bias (a float tensor per head), instead of a padding mask
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Arch:
+        """The inverse of to_json, exactly: JSON keeps ints, floats, strs and bools; lists become tuples again."""
+        def tuples(value):
+            return tuple(tuples(v) for v in value) if isinstance(value, list) else value
+
+        return cls(**{k: tuples(v) for k, v in data.items()} | {"params": ParamCount(**data["params"])})
 
 
 def analyze(recipe: Recipe, config) -> Arch:

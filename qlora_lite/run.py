@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
     splits = data_stage.load_splits(recipe.data, recipe.prompt)
     if recipe.eval.enabled:
         evaluate.held_out_rows(recipe, splits=splits)  # an unusable held-out split fails now, not after training
-    loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train, recipe.method)
+    loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train, recipe.method, recipe.prompt)
     train_ds, stats = data_stage.build_examples(
         splits["train"], loaded.tokenizer, recipe.data, recipe.prompt, recipe.train, loaded.is_encoder_decoder
     )
@@ -147,11 +148,11 @@ def write_result(run_dir: Path, recipe: Recipe, result: train_stage.TrainResult,
 
 def plan_within_budget(recipe: Recipe, notify) -> tuple[Recipe, memory.MemoryPlan]:
     """The memory plan; with a budget it cannot meet, the auto-fitted recipe or a BudgetError with the fix."""
-    config = memory.load_model_config(recipe.model)
-    plan = memory.plan_memory(recipe, config)
+    arch = memory.recipe_arch(recipe)
+    plan = memory.plan_from_arch(recipe, arch)
     if plan.fits is not False:
         return recipe, plan
-    fitted = memory.fit_to_budget(recipe, config)
+    fitted = memory.fit_to_budget(recipe, arch)
     over = f"predicted peak {plan.peak_gib:.2f} GiB ({plan.phase}) exceeds the budget of {plan.budget_gib:g} GiB"
     if fitted is None:
         raise BudgetError(
@@ -163,7 +164,7 @@ def plan_within_budget(recipe: Recipe, notify) -> tuple[Recipe, memory.MemoryPla
         raise BudgetError(f"{over}. The cheapest change that fits: {change}. Set it in the recipe, or set "
                           f"[budget] auto_fit = true to apply it automatically")
     notify("auto_fit", change)
-    return new_recipe, memory.plan_memory(new_recipe, config)
+    return new_recipe, memory.plan_from_arch(new_recipe, arch)  # same model and method: same skeleton
 
 
 def check_run_dir(recipe: Recipe, resume: bool) -> None:
@@ -171,6 +172,11 @@ def check_run_dir(recipe: Recipe, resume: bool) -> None:
     checkpoint; one stopped before its first checkpoint starts over in place."""
     run_dir = recipe.run_dir
     saved = run_dir / "recipe.toml"
+    existing = next(p for p in [run_dir, *run_dir.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(f"output.dir = {recipe.output.dir}: cannot make the run directory {run_dir}: {existing} is "
+                        f"{'not writable' if existing.is_dir() else 'a file, not a folder'}; set output.dir to "
+                        f"a folder you can write (--set output.dir=DIR)")
     if not resume:
         if run_dir.exists():
             raise UserError(
@@ -188,8 +194,7 @@ def check_run_dir(recipe: Recipe, resume: bool) -> None:
         for log in ("metrics.jsonl", "memory.jsonl"):
             (run_dir / log).unlink(missing_ok=True)
         return  # trains from step 0 in the same folder
-    before = load_recipe(saved)
-    changed = [s for s in FROZEN_ON_RESUME if getattr(before, s) != getattr(recipe, s)]
+    changed = changed_sections(recipe)
     if changed:
         raise UserError(
             f"--resume: the recipe's [{'], ['.join(changed)}] differ from the run in {run_dir}; "
@@ -201,6 +206,12 @@ def check_run_dir(recipe: Recipe, resume: bool) -> None:
             f"--resume: {run_dir} already trained {done} steps ({last.name}) and train.max_steps is "
             f"{recipe.train.max_steps}; raise train.max_steps to train further, or use eval, merge or report on it"
         )
+
+
+def changed_sections(recipe: Recipe) -> list[str]:
+    """The FROZEN_ON_RESUME sections in which `recipe` differs from the one saved in its run directory."""
+    before = load_recipe(recipe.run_dir / "recipe.toml", files_must_exist=False)
+    return [s for s in FROZEN_ON_RESUME if getattr(before, s) != getattr(recipe, s)]
 
 
 def create_run_dir(recipe: Recipe, device: str) -> Path:

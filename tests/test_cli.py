@@ -22,8 +22,13 @@ def test_run_evaluates_merges_and_reports_then_subcommands_work(tmp_path, tiny_l
     assert json.loads((d / "merged" / "merge_check.json").read_text())["passed"] is True
     assert (d / "report.md").is_file() and (d / "memory_report.md").is_file()
 
-    assert main(["eval", str(d), "--split", "eval"]) == 0
-    assert json.loads((d / "eval.json").read_text())["split"] == "eval"
+    saved = (d / "recipe.toml").read_text()  # the training file moved since: eval, merge and report need it not
+    (d / "recipe.toml").write_text(saved.replace(str(tiny_data / "train.jsonl"), str(tmp_path / "moved.jsonl")))
+    own = (d / "eval.json").read_text()
+    assert main(["eval", str(d), "--split", "eval"]) == 0  # another split: the run's own evaluation is kept
+    assert (d / "eval.json").read_text() == own and json.loads(own)["split"] == "test"
+    assert json.loads((d / "eval-eval.json").read_text())["split"] == "eval"
+    assert "(eval split, 4 examples)" in (d / "samples-eval.md").read_text()
     out_dir = tmp_path / "export"
     assert main(["merge", str(d), "--out", str(out_dir), "--dtype", "fp32", "--base", "original"]) == 0
     assert main(["merge", str(d), "--out", str(out_dir)]) == 2  # not empty, no --force

@@ -125,3 +125,28 @@ def test_unknown_split_is_a_user_error(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", rows(4))
     with pytest.raises(UserError, match="data.eval"):
         load_splits(DataRecipe(source=str(tmp_path), train="train", eval="valid"), PROMPT)
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", "the file is empty"),
+    (b"\n  \n", "the file is empty"),
+    ('{"dialogue": "a", "summary": "b"}\n{"dialogue": "c", "summ'.encode(), "line 2 is not valid JSON"),
+    (b'{"dialogue": "a", "summary": "b"}\n[1, 2]\n', "line 2 is a JSON list"),
+    ('{"dialogue": "caf\u00e9", "summary": "b"}\n'.encode("utf-16"), "UTF-16"),
+    (b'{"dialogue": "a", "summary": "b"}\n{"dialogue": "caf\xe9", "summary": "b"}\n', "byte 0xe9 on line 2"),
+])
+def test_unreadable_data_file_is_named_with_the_line_at_fault(tmp_path, content, expected):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(UserError) as e:
+        load_splits(DataRecipe(train=str(path)), PROMPT)
+    assert f"data.train ({path})" in str(e.value) and expected in str(e.value)
+
+
+def test_a_json_document_error_gives_its_line_and_a_csv_error_its_parser(tmp_path):
+    (tmp_path / "t.json").write_text('[{"dialogue": "a", "summary": "b"},\n {"dialogue": "c" "summary": "d"}]\n')
+    with pytest.raises(UserError, match=r"data.train .*t.json.*line 2, column 19: Expecting .,. delimiter"):
+        load_splits(DataRecipe(train=str(tmp_path / "t.json")), PROMPT)
+    (tmp_path / "t.csv").write_text('dialogue,summary\n"a,b\n')
+    with pytest.raises(UserError, match=r"data.train .*t.csv.*cannot read it as csv: ParserError"):
+        load_splits(DataRecipe(train=str(tmp_path / "t.csv")), PROMPT)

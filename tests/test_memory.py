@@ -688,7 +688,7 @@ def test_fit_keeps_the_effective_batch(llama7b_arch):
                     train=TrainRecipe(micro_batch_size=8, gradient_accumulation_steps=4, max_length=1024,
                                       gradient_checkpointing=False), eval=EvalRecipe(batch_size=2))
     assert not plan_from_arch(recipe, arch).fits
-    fitted, message = fit_to_budget(recipe, config)
+    fitted, message = fit_to_budget(recipe, arch)
     t = fitted.train
     assert t.micro_batch_size * t.gradient_accumulation_steps == 32 and t.micro_batch_size < 8
     assert plan_memory(fitted, config).fits and "keeps the effective batch" in message
@@ -700,17 +700,17 @@ def test_fit_turns_on_checkpointing_then_shrinks_eval(llama7b_arch):
     recipe = Recipe(name="t", model=ModelRecipe(name="x"), budget=BudgetRecipe(gpu="rtx-3060-12gb"),
                     train=TrainRecipe(micro_batch_size=1, max_length=2048, gradient_checkpointing=False),
                     eval=EvalRecipe(batch_size=16))
-    fitted, message = fit_to_budget(recipe, config)
+    fitted, message = fit_to_budget(recipe, arch)
     assert fitted.train.gradient_checkpointing and fitted.eval.batch_size < 16
     assert "gradient_checkpointing on" in message and "eval.batch_size 16 →" in message
-    assert fit_to_budget(fitted, config)[1].startswith("fits as is")
+    assert fit_to_budget(fitted, arch)[1].startswith("fits as is")
 
 
 def test_fit_returns_none_when_nothing_fits(llama7b_arch):
-    config, _ = llama7b_arch
+    config, arch = llama7b_arch
     recipe = Recipe(name="t", model=ModelRecipe(name="x"), budget=BudgetRecipe(gpu_memory_gib=3.5))
     assert plan_memory(recipe, config).components["weights_4bit"] < 3.5  # the weights alone would fit
-    assert fit_to_budget(recipe, config) is None
+    assert fit_to_budget(recipe, arch) is None
 
 
 def plan_7b(config, kind: str, *, budget=None, **train):
@@ -777,16 +777,22 @@ def test_fit_never_changes_the_method(llama7b_arch):
     recipe = Recipe(name="t", model=ModelRecipe(name="x"), method=MethodRecipe(kind="full"), quantization=BF16,
                     budget=BudgetRecipe(gpu_memory_gib=80),
                     train=TrainRecipe(micro_batch_size=8, max_length=1024, gradient_checkpointing=False))
-    fitted, message = fit_to_budget(recipe, config)
+    arch = analyze(recipe, config)
+    fitted, message = fit_to_budget(recipe, arch)
     assert fitted.method.kind == "full" and fitted.train.gradient_checkpointing and "checkpointing" in message
     assert plan_memory(fitted, config).fits
-    assert fit_to_budget(dataclasses.replace(recipe, budget=BudgetRecipe(gpu_memory_gib=24)), config) is None
+    assert fit_to_budget(dataclasses.replace(recipe, budget=BudgetRecipe(gpu_memory_gib=24)), arch) is None
 
 
 def test_config_from_folder_and_errors(tiny_llama, tmp_path):
     assert load_model_config(ModelRecipe(name=str(tiny_llama))).num_hidden_layers == 2
-    with pytest.raises(UserError, match="model.name"):
+    with pytest.raises(UserError, match=r"model.name = '.*missing': no such folder"):
         load_model_config(ModelRecipe(name=str(tmp_path / "missing")))
+    (tmp_path / "weights-only").mkdir()
+    (tmp_path / "weights-only" / "m.gguf").write_bytes(b"")
+    with pytest.raises(UserError, match=r"weights-only has no config.json; set model.gguf_file to one of its .gguf "
+                                        r"files: m.gguf"):
+        load_model_config(ModelRecipe(name=str(tmp_path / "weights-only")))
     with pytest.raises(UserError, match="pip install --no-deps no-such-package"):
         load_model_config(ModelRecipe(name="package:no_such_package"))
 

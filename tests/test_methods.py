@@ -12,7 +12,7 @@ from qlora_lite import export
 from qlora_lite import model as model_stage
 from qlora_lite.cli import main
 from qlora_lite.errors import UserError
-from qlora_lite.recipe import RecipeError, load_recipe
+from qlora_lite.recipe import METHODS, RecipeError, load_recipe, parse_methods
 from qlora_lite.train import read_metrics, train
 from test_train import losses, snapshot, train_directly
 
@@ -167,14 +167,19 @@ def test_compare_writes_the_table_for_every_method(tmp_path, tiny_llama, tiny_da
     mtime = (out / "qlora" / "eval.json").stat().st_mtime_ns
     assert main(["compare", str(path), "--methods", "qlora", "--resume", *sets]) == 0
     assert (out / "qlora" / "eval.json").stat().st_mtime_ns == mtime
+    capsys.readouterr()
+    # ... but not a finished run trained on another adapter than the recipe now asks for.
+    assert main(["compare", str(path), "--methods", "qlora", "--resume", *sets, "--set", "lora.r=4"]) == 2
+    err = capsys.readouterr().err
+    assert "finished qlora run" in err and "another [lora]" in err
 
 
 def test_compare_rejects_unknown_methods():
     with pytest.raises(UserError, match="unknown method qlora2"):
-        compare_stage.parse_methods("qlora,qlora2")
-    assert compare_stage.parse_methods("all") == list(compare_stage.METHODS)
+        parse_methods("qlora,qlora2")
+    assert parse_methods("all") == list(METHODS)
     with pytest.raises(UserError, match="^--method: unknown method bar"):  # plan's flag is singular
-        compare_stage.parse_methods("bar", "--method")
+        parse_methods("bar", "--method")
 
 
 def test_plan_method_shows_each_method_side_by_side(tmp_path, tiny_llama, tiny_data, capsys):

@@ -188,3 +188,29 @@ def test_evaluation_without_a_held_out_split_is_refused_before_training():
 def test_nan_infinity_and_zero_epochs_are_refused(section, key, value):
     (p,) = problems(with_(section, **{key: value}))
     assert p.startswith(f"{section}.{key}:")
+
+
+def test_byte_order_mark_is_accepted_and_latin1_is_named(tmp_path):
+    text = 'name = "r"\n[model]\nname = "m"\n[data]\nsource = "d"\ntest = "test"\n'
+    (tmp_path / "bom.toml").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_recipe(tmp_path / "bom.toml").name == "r"
+    (tmp_path / "latin1.toml").write_bytes(("# caf\u00e9\n" + text).encode("latin-1"))
+    with pytest.raises(RecipeError, match="not UTF-8 text .byte 0xe9 on line 1.: save the file as UTF-8"):
+        load_recipe(tmp_path / "latin1.toml")
+
+
+def test_key_in_the_wrong_section_or_above_every_section_names_its_section():
+    raw = {**with_("train", r=4), "max_steps": 3}
+    assert problems(raw) == [
+        "unknown top-level key max_steps (max_steps is a key of [train]: write it under that section)",
+        "unknown key train.r (r is a key of [lora]: write it under that section)",
+    ]
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("q_proj", 'expected "all-linear" or a list of module names, got \'q_proj\'; for one module write ["q_proj"]'),
+    ([], "the list is empty"),
+])
+def test_target_modules_is_all_linear_or_a_list_of_names(value, expected):
+    (p,) = problems(with_("lora", target_modules=value))
+    assert p.startswith("lora.target_modules: ") and expected in p

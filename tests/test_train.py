@@ -113,6 +113,45 @@ def test_failed_run_leaves_nothing_behind(tmp_path, tiny_llama, tiny_data):
     assert not recipe.run_dir.exists()  # a fixed recipe can run under the same name
 
 
+def test_output_dir_that_is_a_file_is_refused_before_loading(tmp_path, tiny_data):
+    (tmp_path / "runs").write_text("my notes")
+    recipe = make_recipe(tmp_path, tmp_path / "never-loaded", tiny_data)
+    with pytest.raises(UserError, match=r"output.dir = .*runs is a file, not a folder"):
+        run(recipe)
+    assert (tmp_path / "runs").read_text() == "my notes"
+
+
+@pytest.mark.parametrize("remove, expected", [
+    ("model.safetensors", "cannot load its weights"),
+    ("tokenizer.json", "cannot load its tokenizer (none of tokenizer.json"),
+])
+def test_model_folder_missing_weights_or_tokenizer_is_named(tmp_path, tiny_llama, tiny_data, remove, expected):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    for name in ([remove, "tokenizer_config.json"] if remove == "tokenizer.json" else [remove]):
+        (folder / name).unlink()
+    recipe = make_recipe(tmp_path, folder, tiny_data)
+    with pytest.raises(UserError) as e:
+        run(recipe)
+    assert f"model.name = '{folder}'" in str(e.value) and expected in str(e.value)
+    assert not recipe.run_dir.exists()
+
+
+def test_chat_template_the_tokenizer_lacks_is_refused_before_the_weights_load(tmp_path, tiny_llama, tiny_data,
+                                                                              monkeypatch):
+    recipe = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=["prompt.chat_template=true"])
+    import transformers
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the tokenizer was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
+    with pytest.raises(UserError, match="prompt.chat_template = true, but the tokenizer of .* has no chat template"):
+        model_stage.load_model(recipe.model, recipe.quantization, recipe.train, recipe.method, recipe.prompt)
+
+
 def test_cuda_only_optimizer_refused_on_cpu_before_loading(tmp_path, tiny_data):
     recipe = make_recipe(tmp_path, tmp_path / "never-loaded", tiny_data, overrides=["train.optimizer=paged_adamw_8bit"])
     with pytest.raises(UserError, match="train.optimizer"):
