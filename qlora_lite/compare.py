@@ -55,11 +55,11 @@ def compare(recipe: Recipe, methods: list[str], *, resume: bool = False,
     for kind in methods:
         sub = method_recipe(recipe, kind)
         if finished(sub.run_dir):
-            changed = run_stage.changed_sections(sub)
+            changed = run_stage.changed_settings(sub)
             if changed:
-                raise UserError(f"--resume: the finished {kind} run in {sub.run_dir} was trained with another "
-                                f"[{'], ['.join(changed)}] than this recipe's; compare under a new name "
-                                f"(--set name=NEW_NAME) to run every method again")
+                raise UserError(f"--resume: the finished {kind} run in {sub.run_dir} was trained with other settings "
+                                f"({'; '.join(changed)}); compare under a new name (--set name=NEW_NAME) to run "
+                                f"every method again")
             notify("method_skipped", {"method": kind, "run_dir": sub.run_dir})
             continue
         notify("method", {"method": kind, "learning_rate": sub.train.learning_rate, "run_dir": sub.run_dir})

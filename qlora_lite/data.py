@@ -64,7 +64,7 @@ def _load_one(data: DataRecipe, split: str, where: str):
 
     try:
         if where.endswith(DATA_FILE_SUFFIXES):
-            return _load_file(split, Path(where))
+            return load_file(f"data.{split}", Path(where))
         return load_dataset(data.source, split=where)
     except (FileNotFoundError, ValueError) as e:
         # datasets raises ValueError for unknown splits and FileNotFoundError/DatasetNotFoundError for ids
@@ -78,14 +78,15 @@ def _load_one(data: DataRecipe, split: str, where: str):
         raise
 
 
-def _load_file(split: str, path: Path):
-    """A local file through `datasets`, with what is wrong with it named (datasets raises StopIteration for an
-    empty file, DatasetGenerationError for a bad line, and reads Latin-1 bytes in only to fail at tokenization)."""
+def load_file(key: str, path: Path):
+    """A local file through `datasets`, with what is wrong with it named after its recipe key (`data.train`):
+    datasets raises StopIteration for an empty file, DatasetGenerationError for a bad line, and reads Latin-1 bytes
+    in only to fail at tokenization."""
     from datasets import load_dataset
 
     kind = {"jsonl": "json"}.get(path.suffix[1:], path.suffix[1:])
     if kind != "parquet":
-        _check_text(split, path)
+        check_text_file(key, path)
     try:
         return load_dataset(kind, data_files=str(path), split="train")
     except (FileNotFoundError, UserError):
@@ -94,22 +95,24 @@ def _load_file(split: str, path: Path):
         cause = e.__cause__ or e
         where = _first_bad_json_line(path) if kind == "json" else None
         detail = where or f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
-        raise UserError(f"data.{split} ({path}): cannot read it as {path.suffix[1:]}: {detail}") from None
+        raise UserError(f"{key} ({path}): cannot read it as {path.suffix[1:]}: {detail}") from None
 
 
-def _check_text(split: str, path: Path) -> None:
+def check_text_file(key: str, path: Path) -> None:
     """Refuse an empty file or one that is not UTF-8, naming the line of the first bad byte."""
     raw = path.read_bytes()
     if not raw.strip():
-        raise UserError(f"data.{split} ({path}): the file is empty")
+        raise UserError(f"{key} ({path}): the file is empty")
+    if path.suffix == ".csv" and len(raw.strip().splitlines()) < 2:
+        raise UserError(f"{key} ({path}): has a header line but no rows")
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise UserError(f"data.{split} ({path}): the file is UTF-16 text; save it as UTF-8")
+        raise UserError(f"{key} ({path}): the file is UTF-16 text; save it as UTF-8")
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise UserError(
-            f"data.{split} ({path}): not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save it as "
+            f"{key} ({path}): not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save it as "
             f"UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}` for Latin-1"
         ) from None
 
@@ -209,8 +212,13 @@ def build_examples(rows, tokenizer, data: DataRecipe, prompt: PromptRecipe, trai
 
     examples, empty, too_long, truncated = [], 0, 0, 0
     prompt_max = target_max = total = 0
-    for row in rows:
-        if not str(row[data.input_column] or "").strip() or not str(row[data.target_column] or "").strip():
+    columns = list(dict.fromkeys([data.input_column, data.target_column, *placeholders(prompt.template)]))
+    for number, row in enumerate(rows, 1):
+        for column in columns:
+            if isinstance(row[column], (list, dict)):
+                raise UserError(f"data.{split} ({getattr(data, split)}), row {number}: column {column!r} holds a "
+                                f"{type(row[column]).__name__}, not text ({str(row[column])[:60]})")
+        if any(row[c] is None or not str(row[c]).strip() for c in (data.input_column, data.target_column)):
             empty += 1
             continue
         target = encode_target(row, data.target_column, tokenizer)

@@ -21,17 +21,20 @@ import json
 import logging
 import math
 import re
+import shlex
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from qlora_lite import data as data_stage
 from qlora_lite import model as model_stage
 from qlora_lite.errors import BudgetError, UserError
-from qlora_lite.recipe import Recipe, load_recipe
+from qlora_lite.recipe import DATA_FILE_SUFFIXES, Recipe, load_recipe
+from qlora_lite.report import error_line
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,9 @@ SENTENCE_SPLIT_NOTE = (
 )
 FORGETTING_CHUNKS = 16  # text windows scored per model: seconds, not an epoch
 FORGETTING_CHUNK_TOKENS = 512  # at most; train.max_length when shorter
+SAVED_CONFIGS = (("adapter", "adapter_config.json"), ("model", "config.json"))  # what a trained run saved
+CHECKPOINT_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
+                    "README.md")  # in a checkpoint besides the weights: only --resume needs them
 
 
 @dataclass(frozen=True)
@@ -92,14 +98,99 @@ def load_run(run_dir: str | Path) -> tuple[Recipe, model_stage.LoadedModel]:
 
 
 def read_run(run_dir: Path) -> Recipe:
-    """The recipe of a run that has saved what it trained; a clear error for anything else."""
+    """The recipe of a run that has saved what it trained, its saved files readable; a clear error for anything
+    else (eval and merge would otherwise fail deep inside transformers or PEFT)."""
     if not (run_dir / "recipe.toml").is_file():
         raise UserError(f"{run_dir} is not a run directory (no recipe.toml); give <output.dir>/<name> of a run")
-    saved = (run_dir / "adapter" / "adapter_config.json", run_dir / "model" / "config.json")
-    if not any(path.is_file() for path in saved):
-        raise UserError(f"{run_dir} has no trained weights yet (no adapter/ or model/); finish the run, "
-                        f"or continue it with --resume")
+    saved = next((run_dir / d for d, f in SAVED_CONFIGS if (run_dir / d / f).is_file()), None)
+    if saved is None:
+        raise UserError(no_weights_message(run_dir))
+    check_saved_files(run_dir, saved)
     return load_recipe(run_dir / "recipe.toml", files_must_exist=False)
+
+
+def no_weights_message(run_dir: Path) -> str:
+    """Why a run has nothing to load, and the way on: its last checkpoint's copy of the weights (a run stopped
+    between that checkpoint and the final save, or whose adapter/ was deleted), else finishing the run."""
+    last = last_checkpoint(run_dir)
+    if last is None:
+        return (f"{run_dir} has no trained weights yet (no adapter/ or model/); finish the run, "
+                f"or continue it with --resume")
+    saved = run_dir / ("adapter" if (last / "adapter_config.json").is_file() else "model")
+    step = last.name.split("-")[-1]
+    message = (f"{run_dir} has no trained weights in {saved.name}/ (deleted, or the run stopped before saving them), "
+               f"but its last checkpoint {last} has those of step {step}: copy them there with "
+               f"`{copy_command(last, saved)}`")
+    return message + (", or continue training with --resume" if stopped_early(last) else "")
+
+
+def check_saved_files(run_dir: Path, saved: Path) -> None:
+    """Read every JSON file and weights header training saved, so a damaged one is named with the way to restore
+    it; a few milliseconds (safetensors reads headers only)."""
+    for path in saved_files(saved):
+        try:
+            read_saved_file(path)
+        except FileNotFoundError:
+            raise UserError(f"{path} is missing: {restore_hint(run_dir, saved)}") from None
+        except (OSError, ValueError, SafetensorError) as e:
+            raise UserError(f"{path} cannot be read ({error_line(e)}); it may be damaged: "
+                            f"{restore_hint(run_dir, saved)}") from None
+
+
+def saved_files(saved: Path):
+    """The JSON files first (configs, tokenizer, the shard index), then the weights files."""
+    yield from sorted(saved.glob("*.json"))
+    index = saved / "model.safetensors.index.json"
+    if saved.name == "adapter":
+        yield saved / "adapter_model.safetensors"
+    elif index.is_file():
+        yield from (saved / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values())))
+    else:
+        yield saved / "model.safetensors"
+
+
+def read_saved_file(path: Path) -> None:
+    if path.suffix == ".json":
+        json.loads(path.read_bytes())
+        return
+    with safe_open(path, framework="pt"):
+        pass
+
+
+def restore_hint(run_dir: Path, saved: Path) -> str:
+    last = last_checkpoint(run_dir)
+    if last is None:
+        return f"train again (the run has no checkpoint to restore {saved.name}/ from)"
+    return (f"restore {saved.name}/ from the last checkpoint ({last} has the same files) with "
+            f"`{copy_command(last, saved)}`, or train again")
+
+
+def copy_command(checkpoint: Path, saved: Path) -> str:
+    """The shell command that copies a checkpoint's weights, configs and tokenizer (not the optimizer and trainer
+    state, which only --resume needs) to where the run keeps what it trained."""
+    files = [p for p in sorted(checkpoint.iterdir()) if p.is_file() and not is_training_state(p.name)]
+    sources, dest = " ".join(shlex.quote(str(p)) for p in files), shlex.quote(str(saved))
+    return f"mkdir -p {dest} && cp {sources} {dest}/"
+
+
+def is_training_state(name: str) -> bool:
+    return name in CHECKPOINT_STATE or name.startswith("rng_state")
+
+
+def stopped_early(checkpoint: Path) -> bool:
+    """Whether the checkpoint is from before the run's last step, so --resume can still train on from it."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_bytes())
+        return state["global_step"] < state["max_steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """train.last_checkpoint, imported only on these error paths: qlora_lite.train loads peft and bitsandbytes."""
+    from qlora_lite import train as train_stage
+
+    return train_stage.last_checkpoint(run_dir)
 
 
 @contextlib.contextmanager
@@ -122,10 +213,14 @@ def base_model(loaded: model_stage.LoadedModel, recipe: Recipe):
 
 def held_out_split(recipe: Recipe, split: str | None = None) -> tuple[str, str]:
     """(split, where its data is): `split` or eval.split; "test" falls back to "eval" when data.test is unset."""
-    split = split or recipe.eval.split
-    if split == "test" and recipe.data.test is None:
+    asked, split = split, split or recipe.eval.split
+    if split == "test" and recipe.data.test is None and asked is None:
         split = "eval"
     if getattr(recipe.data, split) is None:
+        other = "test" if split == "eval" else "eval"
+        if getattr(recipe.data, other) is not None:
+            raise UserError(f"the {split} split: data.{split} is not set in the recipe; evaluate on the {other} "
+                            f"split (--split {other}), or set data.{split}")
         raise UserError("evaluation needs a held-out split: set data.test or data.eval in the recipe")
     return split, getattr(recipe.data, split)
 
@@ -355,25 +450,54 @@ def make_forgetting(source: str, chunks: int, base_loss: tuple[float, int], tune
 
 
 def forgetting_texts(source: str) -> list[str]:
-    """A .txt file (one text), a .jsonl/.json file with a "text" column, or a dataset id/folder with one."""
+    """A .txt file (one text), a .jsonl/.json/.csv/.parquet file with a "text" column, or a dataset id/folder with
+    one; a UserError for anything unusable. Writes nothing but the datasets cache and is quick the second time,
+    so `run` can call it before training, where a bad source costs seconds rather than a whole training run."""
     path = Path(source)
     if path.suffix == ".txt":
-        if not path.is_file():
-            raise UserError(f"eval.forgetting: file {source} not found")
-        return [path.read_text(encoding="utf-8")]
+        texts = [forgetting_txt(path)]
+    else:
+        rows = forgetting_file_rows(path) if path.suffix in DATA_FILE_SUFFIXES else forgetting_dataset_rows(source)
+        if "text" not in rows.column_names:
+            raise UserError(f"eval.forgetting = {source!r}: no \"text\" column; its columns are {rows.column_names}")
+        texts = rows["text"]
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise UserError(f"eval.forgetting = {source!r} has no text; give general text to measure forgetting on "
+                        f"(a .txt file, or rows with a \"text\" column)")
+    return texts
+
+
+def forgetting_txt(path: Path) -> str:
+    """The file's text, refused (empty, UTF-16, not UTF-8: which byte on which line) as data.py refuses data."""
+    if not path.is_file():
+        raise UserError(f"eval.forgetting: file {path} not found")
+    data_stage.check_text_file("eval.forgetting", path)
+    return path.read_text(encoding="utf-8")
+
+
+def forgetting_file_rows(path: Path):
+    """A local data file read as data.py reads the splits, with the same checks and messages."""
+    if not path.is_file():
+        raise UserError(f"eval.forgetting: file {path} not found")
+    return data_stage.load_file("eval.forgetting", path)
+
+
+def forgetting_dataset_rows(source: str):
+    """The test split of a dataset id or folder, else validation, else train, else the first."""
     from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
 
     try:
-        if path.suffix in (".jsonl", ".json"):
-            rows = load_dataset("json", data_files=str(path), split="train")
-        else:
-            splits = load_dataset(source)
-            rows = splits[next((s for s in ("test", "validation", "train") if s in splits), list(splits)[0])]
-    except (FileNotFoundError, ValueError) as e:
+        splits = load_dataset(source)
+    except ConnectionError:  # offline: HF_HUB_OFFLINE, which the CLI sets without a network, or unreachable
+        raise UserError(f"eval.forgetting = {source!r}: cannot reach the dataset hub (and there is no folder "
+                        f"{source} here); give a local .txt or .jsonl file with a text column") from None
+    except (FileNotFoundError, ValueError) as e:  # no such dataset; no data files in the folder
         raise UserError(f"eval.forgetting = {source!r}: {str(e).splitlines()[0]}") from None
-    if "text" not in rows.column_names:
-        raise UserError(f"eval.forgetting = {source!r}: no \"text\" column; its columns are {rows.column_names}")
-    return [t for t in rows["text"] if t and t.strip()]
+    except DatasetGenerationError as e:
+        raise UserError(f"eval.forgetting = {source!r}: cannot read it ({error_line(e.__cause__ or e)})") from None
+    return splits[next((s for s in ("test", "validation", "train") if s in splits), list(splits)[0])]
 
 
 def text_chunks(texts: list[str], tokenizer, length: int, most: int) -> list[list[int]]:

@@ -33,12 +33,13 @@ from qlora_lite import model as model_stage
 from qlora_lite.errors import UserError
 from qlora_lite.evaluate import read_run
 from qlora_lite.recipe import QuantizationRecipe, Recipe
-from qlora_lite.report import metrics_table, recipe_summary
+from qlora_lite.report import metrics_table, read_eval_json, recipe_summary
 
 log = logging.getLogger(__name__)
 
 BLOCKSIZE = 64  # bitsandbytes' Linear4bit default; BitsAndBytesConfig does not change it
 MAX_SHARD_SIZE = "5GB"
+TRAINED_FOLDERS = ("adapter", "model", "checkpoints")  # what training saved in a run directory: never an --out
 # Largest accepted max |diff| / max |reference logit|, for the export dtype or the reference's compute dtype,
 # whichever is looser. Measured on SmolLM2-135M (30 layers): correct merges 2e-6 in fp32, 1.9e-2 in fp16,
 # 5.9e-2 in bf16 (rounding every weight); a merge into the wrong base (original vs 4-bit reference) 0.33.
@@ -83,7 +84,8 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
     """Merge run_dir/adapter into its base, save to out_dir, verify the logits; see the module docstring.
 
     A non-empty out_dir is refused unless `force`; with it, the files written here replace their namesakes
-    (and transformers removes weight shards of an earlier export), everything else stays. A run trained
+    (and transformers removes weight shards of an earlier export), everything else stays. The run directory, its
+    adapter/, model/ and checkpoints/ (and what is inside) and its parents are refused even with it. A run trained
     without 4-bit (quantization.load_in_4bit = false) has no rounded weights: "dequantized" means "original".
     """
     from transformers import AutoTokenizer
@@ -92,6 +94,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if dtype not in model_stage.DTYPES or base not in ("dequantized", "original"):
         raise UserError(f"merge: dtype must be bf16, fp16 or fp32, base dequantized or original; got {dtype}, {base}")
+    check_out_not_in_run(out_dir, run_dir)
     check_out_dir(out_dir, force)
     recipe = read_run(run_dir)
     if skip := nothing_to_merge(recipe):
@@ -130,6 +133,27 @@ def nothing_to_merge(recipe: Recipe) -> str | None:
     if recipe.method.kind == "prompt_tuning":
         return ("prompt tuning learns virtual input tokens, not weight updates: there is nothing to merge; "
                 "load adapter/ with peft.PeftModel.from_pretrained on the base")
+    return None
+
+
+def check_out_not_in_run(out_dir: Path, run_dir: Path) -> None:
+    """Refuse, even with --force, an --out where the export would overwrite what training saved (the adapter's
+    own config and weights, say) or mix a full model into the run directory or its parents."""
+    clash = out_clash(out_dir.resolve(), run_dir.resolve())
+    if clash:
+        raise UserError(f"--out {out_dir} is {clash}; merging there would overwrite what training saved: "
+                        f"choose another folder (default: {run_dir / 'merged'})")
+
+
+def out_clash(out: Path, run: Path) -> str | None:
+    """What `out` is to the run directory `run` when the export must not go there, else None."""
+    if out == run:
+        return "the run directory"
+    if out in run.parents:
+        return f"a parent folder of the run directory {run}"
+    for name in TRAINED_FOLDERS:
+        if out.is_relative_to(run / name):
+            return f"{'' if out == run / name else 'inside '}the run's {name}/"
     return None
 
 
@@ -261,9 +285,8 @@ def model_card(recipe: Recipe, run_dir: Path, result: MergeResult) -> str:
         "Load it with `AutoModel...from_pretrained` like any transformers model.", "", "## Recipe", "",
         "| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in recipe_summary(recipe)), "",
     ]
-    eval_json = run_dir / "eval.json"
-    if eval_json.is_file():
-        report = json.loads(eval_json.read_text())
+    report = readable_eval_json(run_dir / "eval.json")
+    if report:
         lines += ["## Evaluation (before merging, from eval.json)", "", *metrics_table(report), ""]
     check = result.check
     lines += [
@@ -273,6 +296,15 @@ def model_card(recipe: Recipe, run_dir: Path, result: MergeResult) -> str:
         f"(tolerance {check.tolerance:.0e}, {'passed' if check.passed else 'FAILED'}).", "",
     ]
     return "\n".join(lines)
+
+
+def readable_eval_json(path: Path) -> dict | None:
+    """eval.json's scores, or None when it is missing or damaged: the card is written after the merge succeeded,
+    and a bad eval.json (which `report` names) must not cost the export."""
+    try:
+        return read_eval_json(path) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def base_license(recipe: Recipe) -> str:

@@ -136,6 +136,10 @@ def load_model_config(model: ModelRecipe):
 def _check_model_folder(name: str, folder: Path) -> None:
     """A path that is no folder, or a folder without config.json, named as such (transformers would take the first
     for a malformed hub id and say the second "should have a model_type key")."""
+    if folder.is_file():
+        fix = (f'set name = "{folder.parent}" and gguf_file = "{folder.name}"' if folder.suffix == ".gguf"
+               else "point it at the folder holding config.json, the weights and the tokenizer files")
+        raise UserError(f"model.name = {name!r} is a file, not a model folder; {fix}")
     if not folder.is_dir():
         if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a hub id is `name` or `owner/name`
             raise UserError(f"model.name = {name!r}: no such folder (a hub id is written owner/name)")

@@ -222,7 +222,8 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, files_must_exist
     with files_must_exist=False: its eval, merge and report need no training file, which may have moved since."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError([f"no recipe file at {path}"], source=str(path))
+        raise RecipeError([f"{path} is a folder, not a recipe file" if path.is_dir() else f"no recipe file at {path}"],
+                          source=str(path))
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not the user's error
@@ -230,6 +231,9 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, files_must_exist
         line = data.count(b"\n", 0, e.start) + 1
         raise RecipeError([f"not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}): save the file as UTF-8"],
                           source=str(path)) from None
+    if not text.strip():
+        raise RecipeError(['the file is empty; a recipe needs at least name = "..." and [model] name = "..." '
+                           '(see recipes/quickstart.toml)'], source=str(path))
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -434,11 +438,19 @@ def _cross_checks(s: dict, base_dir: Path, files_must_exist: bool = True) -> lis
             f"prompt.template: has no {{column}} placeholder, so every prompt would be the same; "
             f'e.g. template = "Summarize:\\n{{{data.input_column}}}\\n"'
         )
+    if data.target_column in placeholders(prompt.template):
+        problems.append(f"prompt.template: uses {{{data.target_column}}}, the target column: the model would read "
+                        f"the answer in its prompt; use the input column {{{data.input_column}}}")
     if prompt.system is not None and not prompt.chat_template:
         problems.append("prompt.system: only used with prompt.chat_template = true")
     if s["eval"].enabled and data.test is None and data.eval is None:
         problems.append("eval.enabled (the default) needs a held-out split to evaluate on: set data.test or "
                         "data.eval, or [eval] enabled = false")
+    elif s["eval"].enabled and s["eval"].split == "eval" and data.eval is None:
+        problems.append('eval.split = "eval" but data.eval is not set; set data.eval, or eval.split = "test"')
+    if train.eval_steps is not None and data.eval is None:
+        problems.append("train.eval_steps: the eval loss needs data.eval (a validation split); set it or remove "
+                        "train.eval_steps")
     forgetting = s["eval"].forgetting
 
     def missing(value: str) -> bool:
@@ -455,6 +467,12 @@ def _cross_checks(s: dict, base_dir: Path, files_must_exist: bool = True) -> lis
         if value.endswith(DATA_FILE_SUFFIXES):
             if missing(value):
                 problems.append(_not_found(f"data.{split}", value, base_dir))
+        elif data.source is None and (base_dir / value).is_dir():
+            problems.append(f"data.{split}: {value} is a folder; set data.source = {value!r} and data.{split} to "
+                            f"a split name (a file's name without its extension), or point it at a file")
+        elif data.source is None and (base_dir / value).is_file():
+            problems.append(f"data.{split}: {value} is not a data file qlora_lite reads; convert it to "
+                            f".jsonl/.json/.csv/.parquet")
         elif data.source is None:
             problems.append(
                 f"data.{split}: {value!r} is a split name but data.source is not set; set data.source "

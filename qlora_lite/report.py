@@ -1,8 +1,9 @@
 """Stage 7: render a finished run directory as report.md with two charts. It reads files, it probes nothing.
 
 Inputs: run_dir/recipe.toml, metrics.jsonl, eval.json, samples.md, memory_report.json (each optional but the
-recipe). Outputs: report.md, loss.png (training loss per step) and rouge.png (base vs tuned). A missing piece
-becomes one line saying so, never an error.
+recipe). Outputs: report.md, loss.png (training loss per step) and rouge.png (base vs tuned). A missing or
+unreadable piece becomes one line saying so, never an error: a run killed mid-write leaves half a line at the end
+of metrics.jsonl, or a truncated JSON file, and the rest is still worth reporting.
 """
 
 from __future__ import annotations
@@ -68,12 +69,57 @@ def method_summary(recipe: Recipe) -> str:
 
 def metrics_table(report: dict) -> list[str]:
     """Markdown rows of eval.json's base and tuned metrics, in percent."""
-    keys = [k for k in METRICS_SHOWN if k in report.get("tuned", {})]
+    keys = shown_metrics(report)
     lines = [f"{report.get('n', '?')} examples of the {report.get('split', '?')} split.", "",
              "| | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     for model in ("base", "tuned"):
         lines.append(f"| {model} | " + " | ".join(f"{100 * report[model][k]:.2f}" for k in keys) + " |")
     return lines
+
+
+def shown_metrics(report: dict) -> list[str]:
+    """The metrics of METRICS_SHOWN both models have a number for: a damaged eval.json must not break the table."""
+    return [k for k in METRICS_SHOWN if all(isinstance(report[m].get(k), (int, float)) for m in ("base", "tuned"))]
+
+
+# ---------------------------------------------------------------- reading run files
+
+
+def error_line(e: Exception) -> str:
+    """An exception in one line, for a message that names the file it came from."""
+    first = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {first[0]}" if first else type(e).__name__
+
+
+def read_json(path: Path) -> dict:
+    """A file holding one JSON object; ValueError (or OSError) when it does not."""
+    value = json.loads(path.read_bytes())
+    if not isinstance(value, dict):
+        raise ValueError(f"a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def read_eval_json(path: Path) -> dict:
+    """eval.json with the base and tuned scores the tables need; ValueError (or OSError) when it lacks them."""
+    report = read_json(path)
+    if not all(isinstance(report.get(m), dict) for m in ("base", "tuned")):
+        raise ValueError("no base and tuned scores")
+    return report
+
+
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """(the JSON objects of a JSON Lines file, how many non-blank lines are not one): a run killed while writing
+    leaves half a line, which must not cost the lines before it."""
+    rows = [json_or_none(line) for line in path.read_bytes().splitlines() if line.strip()]
+    kept = [row for row in rows if isinstance(row, dict)]
+    return kept, len(rows) - len(kept)
+
+
+def json_or_none(line: bytes):
+    try:
+        return json.loads(line)
+    except ValueError:  # not JSON, or not UTF-8
+        return None
 
 
 # ---------------------------------------------------------------- sections
@@ -83,15 +129,18 @@ def training_section(run_dir: Path) -> list[str]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return ["No metrics.jsonl: training has not logged a step."]
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows, skipped = read_jsonl(path)
+    rows = [r for r in rows if "step" in r]
+    note = [f"Skipped {skipped} unreadable line(s) of metrics.jsonl (not a JSON object: a run stopped while "
+            f"writing leaves half a line).", ""] if skipped else []
     # A resumed run logs some steps again: the later line wins.
     steps = sorted({r["step"]: r["loss"] for r in rows if "loss" in r and r.get("event") != "end"}.items())
     if not steps:
-        return ["metrics.jsonl has no training loss yet."]
+        return [*note, "metrics.jsonl has no training loss yet."]
     evals = sorted({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}.items())
     plot_lines(run_dir / "loss.png", {"train loss": steps, **({"eval loss": evals} if evals else {})},
                xlabel="step", ylabel="loss")
-    return [f"Loss {steps[0][1]:.4f} at step {steps[0][0]}, {steps[-1][1]:.4f} at step {steps[-1][0]}.", "",
+    return [*note, f"Loss {steps[0][1]:.4f} at step {steps[0][0]}, {steps[-1][1]:.4f} at step {steps[-1][0]}.", "",
             "![training loss](loss.png)"]
 
 
@@ -99,8 +148,11 @@ def evaluation_section(run_dir: Path) -> list[str]:
     path = run_dir / "eval.json"
     if not path.is_file():
         return ["No eval.json: the run has not been evaluated (`python -m qlora_lite eval RUN_DIR`)."]
-    report = json.loads(path.read_text())
-    keys = [k for k in METRICS_SHOWN if k in report.get("tuned", {})]
+    try:
+        report = read_eval_json(path)
+    except (OSError, ValueError) as e:
+        return [f"eval.json cannot be read ({error_line(e)}): re-run `python -m qlora_lite eval {run_dir}`."]
+    keys = shown_metrics(report)
     plot_bars(run_dir / "rouge.png", keys, {m: [100 * report[m][k] for k in keys] for m in ("base", "tuned")})
     lines = metrics_table(report) + ["", "![base vs tuned](rouge.png)"]
     generation = report.get("generation")
@@ -118,7 +170,11 @@ def memory_section(run_dir: Path) -> list[str]:
     path = run_dir / "memory_report.json"
     if not path.is_file():
         return ["No memory_report.json in the run directory."]
-    memory = json.loads(path.read_text())
+    try:
+        memory = read_json(path)
+    except (OSError, ValueError) as e:
+        return [f"memory_report.json cannot be read ({error_line(e)}); only training writes it, so this run's "
+                f"memory summary is lost (memory.jsonl keeps the measurements of each logged step)."]
     found = []
     if isinstance(memory.get("peak_gib"), (int, float)):
         found.append(f"peak {memory['peak_gib']:.2f} GiB ({memory.get('peak_source', 'measured')})")
@@ -136,7 +192,10 @@ def samples_section(run_dir: Path) -> list[str]:
     path = run_dir / "samples.md"
     if not path.is_file():
         return ["No samples.md: the run has not been evaluated."]
-    examples = path.read_text().split("\n## ")[1 : SAMPLES_SHOWN + 1]
+    try:
+        examples = path.read_text(encoding="utf-8").split("\n## ")[1 : SAMPLES_SHOWN + 1]
+    except (OSError, ValueError) as e:
+        return [f"samples.md cannot be read ({error_line(e)}): re-run `python -m qlora_lite eval {run_dir}`."]
     if not examples:
         return ["samples.md has no examples."]
     return [f"The first {len(examples)} (all in samples.md).", ""] + [

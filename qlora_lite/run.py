@@ -7,6 +7,7 @@ decided and measured through `notify(event, payload)`, which the CLI renders.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -48,6 +49,9 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
     device = model_stage.pick_device(recipe.train)
     monitor.reset_peaks(device)  # a second run in this process (compare) measures its own peak
     optimizer = train_stage.pick_optimizer(recipe.train, device)
+    if device == "cpu" and recipe.quantization.compute_dtype in ("bf16", "fp16"):  # no autocast: eval would fail
+        raise UserError(f"quantization.compute_dtype = {recipe.quantization.compute_dtype!r} needs a CUDA GPU; on a "
+                        f"CPU use \"auto\" (fp32: bf16 matmuls there are ~15x slower)")
 
     # Plan memory from the config alone; refuse, or re-fit, a recipe that cannot fit its budget.
     recipe, plan = plan_within_budget(recipe, notify)
@@ -56,9 +60,12 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
 
     # Data, then model: a missing file, column or model fails here, and leaves nothing behind.
     splits = data_stage.load_splits(recipe.data, recipe.prompt)
-    if recipe.eval.enabled:
-        evaluate.held_out_rows(recipe, splits=splits)  # an unusable held-out split fails now, not after training
+    held_out = evaluate.held_out_rows(recipe, splits=splits)[1] if recipe.eval.enabled else []
+    if recipe.eval.forgetting:
+        evaluate.forgetting_texts(recipe.eval.forgetting)  # a missing or unreadable text fails now, not after training
     loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train, recipe.method, recipe.prompt)
+    if held_out:  # prompts that leave no room for eval.max_new_tokens, found before training
+        evaluate.encode_prompts(held_out, recipe, loaded.tokenizer, loaded.is_encoder_decoder)
     train_ds, stats = data_stage.build_examples(
         splits["train"], loaded.tokenizer, recipe.data, recipe.prompt, recipe.train, loaded.is_encoder_decoder
     )
@@ -194,11 +201,11 @@ def check_run_dir(recipe: Recipe, resume: bool) -> None:
         for log in ("metrics.jsonl", "memory.jsonl"):
             (run_dir / log).unlink(missing_ok=True)
         return  # trains from step 0 in the same folder
-    changed = changed_sections(recipe)
+    changed = changed_settings(recipe)
     if changed:
         raise UserError(
-            f"--resume: the recipe's [{'], ['.join(changed)}] differ from the run in {run_dir}; "
-            f"a checkpoint only continues the same model, data and adapter. Use a new name to start over"
+            f"--resume: the recipe differs from the run in {run_dir} ({'; '.join(changed)}); a checkpoint only "
+            f"continues the same model, data and adapter. Use a new name to start over"
         )
     done = json.loads((last / "trainer_state.json").read_text())["global_step"]
     if recipe.train.max_steps is not None and done >= recipe.train.max_steps:
@@ -208,10 +215,14 @@ def check_run_dir(recipe: Recipe, resume: bool) -> None:
         )
 
 
-def changed_sections(recipe: Recipe) -> list[str]:
-    """The FROZEN_ON_RESUME sections in which `recipe` differs from the one saved in its run directory."""
+def changed_settings(recipe: Recipe) -> list[str]:
+    """'lora.r: 16 → 8' for each FROZEN_ON_RESUME setting in which `recipe` differs from its run's saved recipe."""
     before = load_recipe(recipe.run_dir / "recipe.toml", files_must_exist=False)
-    return [s for s in FROZEN_ON_RESUME if getattr(before, s) != getattr(recipe, s)]
+    changes = []
+    for section in FROZEN_ON_RESUME:
+        old, new = dataclasses.asdict(getattr(before, section)), dataclasses.asdict(getattr(recipe, section))
+        changes += [f"{section}.{key}: {old[key]!r} → {new[key]!r}" for key in old if old[key] != new[key]]
+    return changes
 
 
 def create_run_dir(recipe: Recipe, device: str) -> Path:

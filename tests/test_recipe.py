@@ -214,3 +214,35 @@ def test_key_in_the_wrong_section_or_above_every_section_names_its_section():
 def test_target_modules_is_all_linear_or_a_list_of_names(value, expected):
     (p,) = problems(with_("lora", target_modules=value))
     assert p.startswith("lora.target_modules: ") and expected in p
+
+
+@pytest.mark.parametrize("section, values, expected", [
+    ("prompt", {"template": "{dialogue} {summary}"}, "prompt.template: uses {summary}, the target column"),
+    ("eval", {"split": "eval"}, 'eval.split = "eval" but data.eval is not set'),
+    ("train", {"eval_steps": 5}, "train.eval_steps: the eval loss needs data.eval"),
+])
+def test_settings_that_would_fail_or_mislead_after_training_are_refused_at_load(section, values, expected):
+    (p,) = problems(with_(section, **values))
+    assert p.startswith(expected)
+
+
+def test_a_data_folder_or_text_file_is_named_as_such(tmp_path):
+    (tmp_path / "dialogues").mkdir()
+    (tmp_path / "notes.txt").write_text("hello")
+    raw = {"name": "r", "model": {"name": "m"}, "data": {"train": "dialogues", "test": "notes.txt"}}
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict(raw, base_dir=tmp_path)
+    assert e.value.problems == [
+        "data.train: dialogues is a folder; set data.source = 'dialogues' and data.train to a split name (a file's "
+        "name without its extension), or point it at a file",
+        "data.test: notes.txt is not a data file qlora_lite reads; convert it to .jsonl/.json/.csv/.parquet",
+    ]
+
+
+def test_an_empty_recipe_or_a_folder_is_named_as_such(tmp_path):
+    (tmp_path / "empty.toml").write_text("\n")
+    with pytest.raises(RecipeError, match="the file is empty"):
+        load_recipe(tmp_path / "empty.toml")
+    (tmp_path / "r.toml").mkdir()
+    with pytest.raises(RecipeError, match="is a folder, not a recipe file"):
+        load_recipe(tmp_path / "r.toml")

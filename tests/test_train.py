@@ -152,6 +152,22 @@ def test_chat_template_the_tokenizer_lacks_is_refused_before_the_weights_load(tm
         model_stage.load_model(recipe.model, recipe.quantization, recipe.train, recipe.method, recipe.prompt)
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_compute_dtype_refused_on_cpu_before_loading(tmp_path, tiny_data, dtype):
+    recipe = make_recipe(tmp_path, tmp_path / "never-loaded", tiny_data,
+                         overrides=[f"quantization.compute_dtype={dtype}"])
+    with pytest.raises(UserError, match=f"compute_dtype = '{dtype}' needs a CUDA GPU"):
+        run(recipe)
+
+
+def test_eval_length_that_leaves_no_room_for_the_prompt_is_refused_before_training(tmp_path, tiny_llama, tiny_data):
+    recipe = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=["eval.enabled=true", "train.max_length=64",
+                                                                      "eval.max_new_tokens=64"])
+    with pytest.raises(UserError, match="eval.max_new_tokens = 64 leaves no room for the prompt"):
+        run(recipe)
+    assert not recipe.run_dir.exists()
+
+
 def test_cuda_only_optimizer_refused_on_cpu_before_loading(tmp_path, tiny_data):
     recipe = make_recipe(tmp_path, tmp_path / "never-loaded", tiny_data, overrides=["train.optimizer=paged_adamw_8bit"])
     with pytest.raises(UserError, match="train.optimizer"):
@@ -171,7 +187,7 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_llama, tiny_da
 def test_resume_refuses_a_changed_model_or_data(tmp_path, tiny_llama, tiny_data):
     run(make_recipe(tmp_path, tiny_llama, tiny_data))
     changed = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=["lora.r=4"])
-    with pytest.raises(UserError, match=r"\[lora\]"):
+    with pytest.raises(UserError, match=r"differs from the run in .* \(lora.r: 8 → 4\)"):
         run(changed, resume=True)
 
 
