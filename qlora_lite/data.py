@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_lite.errors import UserError
+from qlora_lite.errors import UserError, error_line, utf8_text
 from qlora_lite.recipe import DATA_FILE_SUFFIXES, DataRecipe, PromptRecipe, TrainRecipe, placeholders
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def load_file(key: str, path: Path):
 
     kind = {"jsonl": "json"}.get(path.suffix[1:], path.suffix[1:])
     if kind != "parquet":
-        check_text_file(key, path)
+        read_text_file(key, path)  # for its checks: datasets reads the file itself
     try:
         return load_dataset(kind, data_files=str(path), split="train")
     except (FileNotFoundError, UserError):
@@ -94,12 +94,12 @@ def load_file(key: str, path: Path):
     except Exception as e:  # noqa: BLE001: every parser failure becomes one message naming the file
         cause = e.__cause__ or e
         where = _first_bad_json_line(path) if kind == "json" else None
-        detail = where or f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+        detail = where or error_line(cause)
         raise UserError(f"{key} ({path}): cannot read it as {path.suffix[1:]}: {detail}") from None
 
 
-def check_text_file(key: str, path: Path) -> None:
-    """Refuse an empty file or one that is not UTF-8, naming the line of the first bad byte."""
+def read_text_file(key: str, path: Path) -> str:
+    """The file's text; an empty file or one that is not UTF-8 refused, naming the line of the first bad byte."""
     raw = path.read_bytes()
     if not raw.strip():
         raise UserError(f"{key} ({path}): the file is empty")
@@ -108,13 +108,10 @@ def check_text_file(key: str, path: Path) -> None:
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise UserError(f"{key} ({path}): the file is UTF-16 text; save it as UTF-8")
     try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise UserError(
-            f"{key} ({path}): not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save it as "
-            f"UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}` for Latin-1"
-        ) from None
+        return utf8_text(raw)
+    except ValueError as e:
+        raise UserError(f"{key} ({path}): {e}; save it as UTF-8, e.g. "
+                        f"`iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}` for Latin-1") from None
 
 
 def _first_bad_json_line(path: Path) -> str | None:

@@ -32,9 +32,8 @@ from safetensors import SafetensorError, safe_open
 
 from qlora_lite import data as data_stage
 from qlora_lite import model as model_stage
-from qlora_lite.errors import BudgetError, UserError
+from qlora_lite.errors import BudgetError, UserError, error_line
 from qlora_lite.recipe import DATA_FILE_SUFFIXES, Recipe, load_recipe
-from qlora_lite.report import error_line
 
 log = logging.getLogger(__name__)
 
@@ -454,10 +453,13 @@ def forgetting_texts(source: str) -> list[str]:
     one; a UserError for anything unusable. Writes nothing but the datasets cache and is quick the second time,
     so `run` can call it before training, where a bad source costs seconds rather than a whole training run."""
     path = Path(source)
-    if path.suffix == ".txt":
-        texts = [forgetting_txt(path)]
+    local = path.suffix in (".txt", *DATA_FILE_SUFFIXES)
+    if local and not path.is_file():
+        raise UserError(f"eval.forgetting: file {path} not found")
+    if path.suffix == ".txt":  # the same checks and messages as data files (empty, not UTF-8: which line)
+        texts = [data_stage.read_text_file("eval.forgetting", path)]
     else:
-        rows = forgetting_file_rows(path) if path.suffix in DATA_FILE_SUFFIXES else forgetting_dataset_rows(source)
+        rows = data_stage.load_file("eval.forgetting", path) if local else forgetting_dataset_rows(source)
         if "text" not in rows.column_names:
             raise UserError(f"eval.forgetting = {source!r}: no \"text\" column; its columns are {rows.column_names}")
         texts = rows["text"]
@@ -466,21 +468,6 @@ def forgetting_texts(source: str) -> list[str]:
         raise UserError(f"eval.forgetting = {source!r} has no text; give general text to measure forgetting on "
                         f"(a .txt file, or rows with a \"text\" column)")
     return texts
-
-
-def forgetting_txt(path: Path) -> str:
-    """The file's text, refused (empty, UTF-16, not UTF-8: which byte on which line) as data.py refuses data."""
-    if not path.is_file():
-        raise UserError(f"eval.forgetting: file {path} not found")
-    data_stage.check_text_file("eval.forgetting", path)
-    return path.read_text(encoding="utf-8")
-
-
-def forgetting_file_rows(path: Path):
-    """A local data file read as data.py reads the splits, with the same checks and messages."""
-    if not path.is_file():
-        raise UserError(f"eval.forgetting: file {path} not found")
-    return data_stage.load_file("eval.forgetting", path)
 
 
 def forgetting_dataset_rows(source: str):

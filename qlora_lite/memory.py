@@ -213,13 +213,18 @@ def config_identity(model: ModelRecipe) -> str | None:
         gguf = Path(source) / model.gguf_file
         if not gguf.is_file():
             return None
-        stat = gguf.stat()
-        return f"gguf:{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        return f"gguf:{file_identity(gguf)}"
     config = Path(source) / "config.json" if Path(source).is_dir() else _hub_config(source)
     try:
         return hashlib.sha256(config.read_bytes()).hexdigest() if config else None
     except OSError:
         return None
+
+
+def file_identity(path: Path) -> str:
+    """A large file told apart without reading it: its path, size and modification time (GGUF files, 0.1-40 GB)."""
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _hub_config(repo_id: str) -> Path | None:

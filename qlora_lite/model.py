@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from qlora_lite.errors import UserError
-from qlora_lite.memory import cache_dir, model_source
+from qlora_lite.memory import cache_dir, file_identity, model_source
 from qlora_lite.recipe import (
     LoraRecipe, MethodRecipe, ModelRecipe, PromptRecipe, QuantizationRecipe, Recipe, TrainRecipe, placeholders,
     quantizes,
@@ -89,8 +89,7 @@ def _convert_gguf(gguf_path: Path) -> Path:
     """GGUF weights load dequantized to fp32; save them once as safetensors so later runs load in 4-bit quickly."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stat = gguf_path.stat()
-    key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(file_identity(gguf_path).encode()).hexdigest()[:12]
     target = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
     if (target / "config.json").is_file():
         return target

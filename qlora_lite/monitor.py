@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from transformers import TrainerCallback
 
+from qlora_lite.report import append_jsonl, read_jsonl
+
 GIB = 2**30
 
 
@@ -127,8 +129,7 @@ class MemoryMonitor(TrainerCallback):
 
     def record(self, step: int) -> dict:
         row = {"step": step, **self.measure(self.probe)}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(self.path, row)
         return row
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -151,9 +152,7 @@ class MemoryMonitor(TrainerCallback):
 
 def read_samples(run_dir: Path) -> list[dict]:
     path = run_dir / "memory.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)[0] if path.is_file() else []  # a half-written line (a killed run) skipped
 
 
 # ---------------------------------------------------------------- the memory-budget report

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from qlora_lite.errors import UserError
+from qlora_lite.errors import UserError, utf8_text
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -224,13 +224,10 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, files_must_exist
     if not path.is_file():
         raise RecipeError([f"{path} is a folder, not a recipe file" if path.is_dir() else f"no recipe file at {path}"],
                           source=str(path))
-    data = path.read_bytes()
     try:
-        text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not the user's error
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise RecipeError([f"not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}): save the file as UTF-8"],
-                          source=str(path)) from None
+        text = utf8_text(path.read_bytes())
+    except ValueError as e:
+        raise RecipeError([f"{e}: save the file as UTF-8"], source=str(path)) from None
     if not text.strip():
         raise RecipeError(['the file is empty; a recipe needs at least name = "..." and [model] name = "..." '
                            '(see recipes/quickstart.toml)'], source=str(path))

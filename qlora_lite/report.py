@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qlora_lite.errors import UserError
+from qlora_lite.errors import UserError, error_line
 from qlora_lite.recipe import Recipe, load_recipe
 
 SAMPLES_SHOWN = 3
@@ -85,12 +85,6 @@ def shown_metrics(report: dict) -> list[str]:
 # ---------------------------------------------------------------- reading run files
 
 
-def error_line(e: Exception) -> str:
-    """An exception in one line, for a message that names the file it came from."""
-    first = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {first[0]}" if first else type(e).__name__
-
-
 def read_json(path: Path) -> dict:
     """A file holding one JSON object; ValueError (or OSError) when it does not."""
     value = json.loads(path.read_bytes())
@@ -120,6 +114,14 @@ def json_or_none(line: bytes):
         return json.loads(line)
     except ValueError:  # not JSON, or not UTF-8
         return None
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """One JSON line at the end of a run's log; after a half-written last line (a run killed while writing), on a
+    line of its own, so the first row of a resumed run is not glued to it and lost."""
+    with path.open("a+b") as f:
+        broken = f.tell() > 0 and (f.seek(-1, 2), f.read(1))[1] != b"\n"
+        f.write(b"\n" * broken + json.dumps(row).encode() + b"\n")
 
 
 # ---------------------------------------------------------------- sections

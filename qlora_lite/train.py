@@ -9,7 +9,6 @@ logged step in `metrics.jsonl`, and an `on_progress(dict)` hook the CLI renders.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import math
 import time
@@ -23,6 +22,7 @@ from transformers import PrinterCallback, TrainerCallback
 from qlora_lite.errors import BudgetError, UserError
 from qlora_lite.model import LoadedModel
 from qlora_lite.recipe import TrainRecipe
+from qlora_lite.report import append_jsonl, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,7 @@ class MetricsLog(TrainerCallback):
         row["elapsed_s"] = elapsed
         if "train_loss" in logs:  # the closing summary, not a step
             row["event"] = "end"
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(self.path, row)
         if self.on_progress:
             self.on_progress({"event": "log", "max_steps": state.max_steps, **row})
 
@@ -246,6 +245,4 @@ def last_checkpoint(run_dir: Path) -> Path | None:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)[0] if path.is_file() else []  # a half-written line (a killed run) skipped

@@ -134,6 +134,7 @@ def test_unknown_split_is_a_user_error(tmp_path):
     (b'{"dialogue": "a", "summary": "b"}\n[1, 2]\n', "line 2 is a JSON list"),
     ('{"dialogue": "caf\u00e9", "summary": "b"}\n'.encode("utf-16"), "UTF-16"),
     (b'{"dialogue": "a", "summary": "b"}\n{"dialogue": "caf\xe9", "summary": "b"}\n', "byte 0xe9 on line 2"),
+    (b'\xef\xbb\xbf{"dialogue": "a", "summary": "b"}\n{"dialogue": "caf\xe9", "summary": "b"}\n', "byte 0xe9 on line 2"),
 ])
 def test_unreadable_data_file_is_named_with_the_line_at_fault(tmp_path, content, expected):
     path = tmp_path / "train.jsonl"
