@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.syntax import Syntax
 from rich.table import Table
 
-from qlora_lite.errors import UserError
+from qlora_lite.errors import Interrupted, UserError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -79,11 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries(args.debug)
     try:
         return args.func(args)
+    except Interrupted as e:
+        err_console.print(f"[yellow]interrupted[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        return e.exit_code
     except UserError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return e.exit_code
-    except KeyboardInterrupt:
-        hint = ": continue with the same command and --resume" if args.command in ("run", "compare") else ""
+    except KeyboardInterrupt:  # run and compare say what was kept (Interrupted); a merge may have written part
+        hint = f": {args.out} may hold part of the export; merge again with --force" if args.command == "merge" else ""
         err_console.print(f"[yellow]interrupted[/]{hint}")
         return 130
 
@@ -308,10 +311,13 @@ def cmd_run(args) -> int:
     from qlora_lite.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: a recipe error answers at once
-    from qlora_lite.run import run
+    from qlora_lite.run import interrupted_message, run
 
     with TrainingView() as view:
-        result = run(recipe, resume=args.resume, notify=view.notify)
+        try:
+            result = run(recipe, resume=args.resume, notify=view.notify)
+        except KeyboardInterrupt:  # a second Ctrl-C in training, or one before or after it
+            raise Interrupted(interrupted_message(recipe)) from None
     console.print(
         f"[bold green]done[/] in {result.seconds:.0f} s: trained weights saved to [bold]{result.train.saved_dir}[/], "
         f"report in {result.report}"
@@ -401,6 +407,10 @@ class TrainingView:
         console.print(table)
 
     def on_progress(self, p):
+        if p.get("event") == "interrupt":
+            self.progress.console.print("[yellow]Ctrl-C[/]: stopping after this step with a checkpoint "
+                                        "(press Ctrl-C again to stop at once)")
+            return
         if self.task is None:
             self.progress.start()
             self.task = self.progress.add_task("train", total=p.get("max_steps"), stats="")

@@ -19,8 +19,9 @@ from typing import Callable
 
 from qlora_lite import run as run_stage
 from qlora_lite import train as train_stage
-from qlora_lite.errors import BudgetError, UserError
+from qlora_lite.errors import BudgetError, Interrupted, UserError, error_line
 from qlora_lite.recipe import Recipe
+from qlora_lite.report import read_eval_json, read_json
 
 LR_SCALE = {"qlora": 1.0, "lora": 1.0, "full": 0.1, "prompt_tuning": 50.0}
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -54,21 +55,27 @@ def compare(recipe: Recipe, methods: list[str], *, resume: bool = False,
     refused = {}
     for kind in methods:
         sub = method_recipe(recipe, kind)
-        if finished(sub.run_dir):
+        if trained(sub.run_dir):
             changed = run_stage.changed_settings(sub)
             if changed:
-                raise UserError(f"--resume: the finished {kind} run in {sub.run_dir} was trained with other settings "
+                raise UserError(f"--resume: the trained {kind} run in {sub.run_dir} used other settings "
                                 f"({'; '.join(changed)}); compare under a new name (--set name=NEW_NAME) to run "
                                 f"every method again")
-            notify("method_skipped", {"method": kind, "run_dir": sub.run_dir})
-            continue
+            if (sub.run_dir / "eval.json").is_file():
+                notify("method_skipped", {"method": kind, "run_dir": sub.run_dir})
+                continue
         notify("method", {"method": kind, "learning_rate": sub.train.learning_rate, "run_dir": sub.run_dir})
-        started = sub.run_dir.exists() and train_stage.last_checkpoint(sub.run_dir) is not None
         try:
-            run_stage.run(sub, resume=started, notify=notify)
+            if trained(sub.run_dir):  # stopped (Ctrl-C, a crash) between training and its evaluation
+                evaluate_trained(sub.run_dir, notify)
+            else:
+                started = sub.run_dir.exists() and train_stage.last_checkpoint(sub.run_dir) is not None
+                run_stage.run(sub, resume=started, notify=notify)
         except BudgetError as e:  # e.g. full fine-tuning over the budget: that is a result, not a failure
             refused[kind] = str(e)
             notify("method_refused", {"method": kind, "reason": str(e)})
+        except KeyboardInterrupt:
+            raise Interrupted(f"{kind} {run_stage.interrupted_message(sub)}") from None
     comparison = {
         "recipe": recipe.name,
         "methods": {kind: summarize(out / kind) for kind in methods if kind not in refused},
@@ -78,15 +85,24 @@ def compare(recipe: Recipe, methods: list[str], *, resume: bool = False,
     return comparison
 
 
-def finished(run_dir: Path) -> bool:
-    return (run_dir / "result.json").is_file() and (run_dir / "eval.json").is_file()
+def trained(run_dir: Path) -> bool:
+    """Training finished: result.json is written once it has (and removed when a resumed run trains further)."""
+    return (run_dir / "result.json").is_file()
+
+
+def evaluate_trained(run_dir: Path, notify) -> None:
+    from qlora_lite import evaluate
+
+    recipe, loaded = evaluate.load_run(run_dir)
+    notify("evaluating", {"max_samples": recipe.eval.max_samples})
+    notify("evaluated", evaluate.evaluate_run(loaded, recipe, run_dir))
 
 
 def summarize(run_dir: Path) -> dict:
     """One method's row, read from its run directory."""
-    result = json.loads((run_dir / "result.json").read_text())
-    memory = json.loads((run_dir / "memory_report.json").read_text())
-    evaluation = json.loads((run_dir / "eval.json").read_text())
+    result = read_run_file(run_dir / "result.json")
+    memory = read_run_file(run_dir / "memory_report.json")
+    evaluation = read_run_file(run_dir / "eval.json", read_eval_json)
     measured = memory["measured"]
     forgetting = evaluation.get("forgetting") or {}
     return {
@@ -113,6 +129,16 @@ def summarize(run_dir: Path) -> dict:
         "forgetting_loss_change": forgetting.get("loss_change"),
         "forgetting_perplexity_change_pct": forgetting.get("perplexity_change_pct"),
     }
+
+
+def read_run_file(path: Path, reader=read_json) -> dict:
+    """A run's JSON file, or one error that names it and the command that writes it again."""
+    try:
+        return reader(path)
+    except (OSError, ValueError) as e:
+        again = (f"evaluate again with python -m qlora_lite eval {path.parent}" if path.name == "eval.json" else
+                 "training writes it: compare under a new name (--set name=NEW_NAME) to train this method again")
+        raise UserError(f"{path}: cannot read it ({error_line(e)}); {again}") from None
 
 
 def stored_bytes(folder: Path) -> int:

@@ -14,6 +14,12 @@ class BudgetError(UserError):
     exit_code = 3
 
 
+class Interrupted(UserError):
+    """Ctrl-C: what was saved and the command that continues. Exit status 130, as for any SIGINT."""
+
+    exit_code = 130
+
+
 def error_line(e: Exception) -> str:
     """An exception in one line, for a message that names the file it came from."""
     first = str(e).strip().splitlines()

@@ -22,7 +22,7 @@ from qlora_lite import data as data_stage
 from qlora_lite import evaluate, export, memory, monitor, report
 from qlora_lite import model as model_stage
 from qlora_lite import train as train_stage
-from qlora_lite.errors import BudgetError, UserError
+from qlora_lite.errors import BudgetError, Interrupted, UserError
 from qlora_lite.recipe import SECTIONS, Recipe, load_recipe, recipe_to_toml
 
 # Sections whose change makes a checkpoint meaningless: resuming with them changed is refused.
@@ -119,6 +119,11 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
             f"Trained weights saved to {result.saved_dir} and a checkpoint to {train_stage.last_checkpoint(run_dir)}; "
             f"lower train.micro_batch_size or train.max_length and continue with --resume"
         )
+    if result.interrupted and result.steps < result.max_steps:
+        raise Interrupted(interrupted_message(recipe))
+    write_result(run_dir, recipe, result, trainable, total)  # training is complete: eval and merge may follow
+    if result.interrupted:  # Ctrl-C during the last step
+        raise Interrupted(interrupted_message(recipe))
 
     # Base vs tuned on held-out data, then the merged export, then the report of it all.
     evaluation = None
@@ -136,7 +141,6 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
         notify("merging", {"dtype": recipe.export.dtype, "base": recipe.export.base})
         merged = export.merge_run(run_dir, run_dir / "merged", dtype=recipe.export.dtype, base=recipe.export.base)
         notify("merged", merged)
-    write_result(run_dir, recipe, result, trainable, total)
     report_path = report.write_report(run_dir)
     return RunResult(run_dir, result, stats, trainable, total, plan, evaluation, merged, report_path,
                      time.monotonic() - started)
@@ -215,6 +219,31 @@ def check_run_dir(recipe: Recipe, resume: bool) -> None:
         )
 
 
+def interrupted_message(recipe: Recipe) -> str:
+    """What a Ctrl-C left in the run directory, read from its files, and the command that goes on from there."""
+    run_dir = recipe.run_dir
+    if not (run_dir / "recipe.toml").is_file():
+        return "before training began: nothing was written; run the same command again"
+    result = run_dir / "result.json"
+    if result.is_file():  # training finished (it is removed when a resumed run trains further)
+        done = lambda name: (run_dir / name).is_file() and (run_dir / name).stat().st_mtime >= result.stat().st_mtime
+        steps = []
+        if recipe.eval.enabled and not done("eval.json"):
+            steps.append(f"python -m qlora_lite eval {run_dir}")
+        if recipe.export.merge and not export.nothing_to_merge(recipe) and not done("merged/merge_check.json"):
+            force = " --force" if (run_dir / "merged").exists() else ""
+            steps.append(f"python -m qlora_lite merge {run_dir} --out {run_dir / 'merged'} --dtype {recipe.export.dtype} "
+                         f"--base {recipe.export.base}{force}")
+        steps.append(f"python -m qlora_lite report {run_dir}")
+        saved = next((run_dir / d for d in ("adapter", "model") if (run_dir / d).is_dir()), run_dir)
+        return f"after training, which is complete and saved in {saved}; finish with: " + " && ".join(steps)
+    last = train_stage.last_checkpoint(run_dir)
+    if last is None:
+        return (f"before the first checkpoint (train.save_steps = {recipe.train.save_steps}): nothing to keep; "
+                f"the same command with --resume starts {run_dir} over")
+    return f"during training: {last.name} is kept in {last.parent}; continue from it with the same command and --resume"
+
+
 def changed_settings(recipe: Recipe) -> list[str]:
     """'lora.r: 16 → 8' for each FROZEN_ON_RESUME setting in which `recipe` differs from its run's saved recipe."""
     before = load_recipe(recipe.run_dir / "recipe.toml", files_must_exist=False)
@@ -230,6 +259,7 @@ def create_run_dir(recipe: Recipe, device: str) -> Path:
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.toml").write_text(recipe_to_toml(recipe))
+    (run_dir / "result.json").unlink(missing_ok=True)  # a resumed run trains further: what it said is stale
     write_env(run_dir, device)
     return run_dir
 

@@ -8,9 +8,12 @@ logged step in `metrics.jsonl`, and an `on_progress(dict)` hook the CLI renders.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,8 @@ class TrainResult:
     train_seconds: float
     tokens_per_s: float
     saved_dir: Path  # run_dir/adapter (PEFT format), or run_dir/model for full fine-tuning
+    max_steps: int = 0  # the steps the trainer planned (epochs counted as it counts them)
+    interrupted: bool = False  # Ctrl-C: stopped after `steps` with a checkpoint
 
 
 def pick_optimizer(train: TrainRecipe, device: str) -> str:
@@ -131,6 +136,37 @@ class RateOnResume(TrainerCallback):
             lr_scheduler.step()  # writes the new schedule's rate for this step into the optimizer
 
 
+class StopOnCtrlC(TrainerCallback):
+    """The first Ctrl-C ends training after the current optimizer step, with a checkpoint to resume from (a step
+    on a consumer GPU takes seconds; an hour since the last save_steps is not lost). A second one stops at once."""
+
+    def __init__(self, on_progress: Callable[[dict], None] | None):
+        self.on_progress = on_progress
+        self.requested = False
+
+    def request(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C raises KeyboardInterrupt
+        if self.on_progress:
+            self.on_progress({"event": "interrupt"})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self.request)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 def build_trainer(loaded: LoadedModel, train_ds, eval_ds, train: TrainRecipe, run_dir: Path, callbacks: list):
     """The decoder-only (SFTTrainer) or encoder-decoder (Seq2SeqTrainer) trainer for this model."""
     common = _common_args(train, loaded, run_dir / "checkpoints", eval_ds is not None)
@@ -181,14 +217,16 @@ def train(
     """Train, save the adapter (PEFT format) or the full model, with the tokenizer, return what happened."""
     torch.manual_seed(train.seed)
     metrics = MetricsLog(run_dir / "metrics.jsonl", on_progress)
-    trainer = build_trainer(loaded, train_ds, eval_ds, train, run_dir, [metrics, RateOnResume(), *callbacks])
+    ctrl_c = StopOnCtrlC(on_progress)
+    trainer = build_trainer(loaded, train_ds, eval_ds, train, run_dir, [metrics, RateOnResume(), ctrl_c, *callbacks])
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the progress hook replaces it
     checkpoint = last_checkpoint(run_dir) if resume else None
     started = time.monotonic()
     saved_dir = trained_dir(run_dir, loaded.model)
     out_of_memory = False
     try:
-        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        with ctrl_c.installed():
+            output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.OutOfMemoryError:
         out_of_memory = True  # handled below, once the exception's frames (and the activations they hold) are gone
     if out_of_memory:
@@ -202,7 +240,7 @@ def train(
     seconds = time.monotonic() - started
     save_trained(loaded, saved_dir)
     losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r and r.get("event") != "end"]
-    tokens = trainer.state.num_input_tokens_seen
+    tokens = trainer.state.num_input_tokens_seen - (metrics.start_tokens or 0)  # this session's (resumed: not before)
     return TrainResult(
         steps=trainer.state.global_step,
         first_loss=losses[0] if losses else None,
@@ -210,6 +248,8 @@ def train(
         train_seconds=seconds,
         tokens_per_s=tokens / seconds if seconds else 0.0,
         saved_dir=saved_dir,
+        max_steps=trainer.state.max_steps,
+        interrupted=ctrl_c.requested,
     )
 
 

@@ -171,7 +171,7 @@ def test_compare_writes_the_table_for_every_method(tmp_path, tiny_llama, tiny_da
     # ... but not a finished run trained on another adapter than the recipe now asks for.
     assert main(["compare", str(path), "--methods", "qlora", "--resume", *sets, "--set", "lora.r=4"]) == 2
     err = capsys.readouterr().err
-    assert "finished qlora run" in err and "lora.r: 8 → 4" in err
+    assert "trained qlora run" in err and "lora.r: 8 → 4" in err
 
 
 def test_compare_rejects_unknown_methods():

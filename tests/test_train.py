@@ -270,34 +270,3 @@ def test_resume_of_a_run_that_trained_all_its_steps_says_so(tmp_path, tiny_llama
     run(recipe)
     with pytest.raises(UserError, match=r"already trained 6 steps .*raise train\.max_steps"):
         run(recipe, resume=True)  # the Trainer would have trained a 7th step
-
-
-def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_over(tmp_path, tiny_llama, tiny_data,
-                                                                             monkeypatch):
-    """Ctrl-C at step 3 (save_steps 6): no checkpoint, no weights. --resume used to refuse ("no checkpoint yet")
-    while a plain run refused the existing folder: the user had to delete it by hand."""
-    from transformers import TrainerCallback
-
-    from qlora_lite import train as train_stage
-
-    class Interrupt(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == 2:
-                raise KeyboardInterrupt
-
-    real = train_stage.build_trainer
-
-    def build_trainer(*args, **kwargs):
-        trainer = real(*args, **kwargs)
-        trainer.add_callback(Interrupt())
-        return trainer
-
-    monkeypatch.setattr(train_stage, "build_trainer", build_trainer)
-    recipe = make_recipe(tmp_path, tiny_llama, tiny_data)
-    with pytest.raises(KeyboardInterrupt):
-        run(recipe)
-    assert (recipe.run_dir / "metrics.jsonl").is_file() and not list(recipe.run_dir.glob("checkpoints/checkpoint-*"))
-    monkeypatch.undo()
-    result = run(recipe, resume=True)
-    steps = [r["step"] for r in read_metrics(result.run_dir) if "loss" in r and r.get("event") != "end"]
-    assert steps == list(range(1, 13))  # from step 0, the interrupted attempt's log gone
