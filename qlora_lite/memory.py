@@ -179,13 +179,31 @@ def recipe_arch(recipe: Recipe) -> Arch:
     """`analyze` of the recipe's model and method, cached in cache_dir()/plan: building the skeleton needs torch,
     transformers and peft (seconds to import), and a GGUF config seconds more to parse; a cache hit needs none."""
     key = arch_key(recipe)
-    if key is not None and (cached := _read_arch(_arch_path(key))) is not None:
-        return cached
-    arch = analyze(recipe, load_model_config(recipe.model))
-    key = key or arch_key(recipe)  # a hub model's config.json is in the hub cache now
-    if key is not None:
-        _write_arch(_arch_path(key), arch)
+    arch = _read_arch(_arch_path(key)) if key is not None else None
+    if arch is None:
+        arch = analyze(recipe, load_model_config(recipe.model))
+        key = key or arch_key(recipe)  # a hub model's config.json is in the hub cache now
+        if key is not None:
+            _write_arch(_arch_path(key), arch)
+    check_context(recipe, arch)
     return arch
+
+
+def check_context(recipe: Recipe, arch: Arch) -> None:
+    """Refuse sequences longer than the model's positions cover: learned positions (GPT-2, OPT, BART) fail with
+    an index error mid-training, rotary ones (Llama) train on positions the model never saw."""
+    if arch.max_positions is None:
+        return
+    t = recipe.train
+    keys = ["max_source_length", "max_target_length"] if arch.is_encoder_decoder else ["max_length"]
+    for key in keys:  # prompt tuning prepends its virtual tokens to the (encoder's) input
+        extra = arch.virtual_tokens if key != "max_target_length" else 0
+        longest = getattr(t, key) + extra
+        if longest > arch.max_positions:
+            what = f"train.{key}" + (f" + method.num_virtual_tokens = {longest}" if extra else f" = {longest}")
+            raise UserError(f"{what} is longer than the model's context: its config sets max_position_embeddings "
+                            f"= {arch.max_positions}; set train.{key} to {arch.max_positions - extra} or less "
+                            f"(--set train.{key}=N)")
 
 
 def arch_key(recipe: Recipe) -> str | None:

@@ -46,6 +46,23 @@ def test_plan_command_json(tmp_path, tiny_llama, tiny_data, capsys):
     assert abs(sum(plan["components"].values()) - plan["peak_gib"]) < 1e-6
 
 
+def test_sequences_longer_than_the_model_positions_are_refused_before_loading(tmp_path, tiny_llama, tiny_t5,
+                                                                            tiny_data, capsys, monkeypatch):
+    make_recipe(tmp_path, tiny_llama, tiny_data)  # its config: max_position_embeddings = 512
+    path = str(tmp_path / "t.toml")
+    monkeypatch.setattr(model_stage, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    assert main(["run", path, "--set", "train.max_length=600"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "train.max_length = 600 is longer than the model's context" in err
+    assert "max_position_embeddings = 512; set train.max_length to 512 or less" in err
+    assert main(["plan", path, "--set", "train.max_length=512"]) == 0
+    prompt_tuning = ["--set", "method.kind=prompt_tuning", "--set", "method.num_virtual_tokens=20"]
+    assert main(["plan", path, "--set", "train.max_length=500", *prompt_tuning]) == 2
+    assert "method.num_virtual_tokens = 520" in capsys.readouterr().err
+    make_recipe(tmp_path, tiny_t5, tiny_data, name="t5")  # relative positions: no limit to check
+    assert main(["plan", str(tmp_path / "t5.toml"), "--set", "train.max_length=4096"]) == 0
+
+
 def test_auto_fit_shrinks_the_micro_batch_and_keeps_the_effective_batch(tmp_path, tiny_llama, tiny_data):
     big = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=["train.max_steps=2"])
     config = memory.load_model_config(big.model)
