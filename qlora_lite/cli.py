@@ -173,8 +173,9 @@ def cmd_report(args) -> int:
 
 
 def eval_table(result) -> Table:
-    table = Table(title=f"{result.split} split, {result.n} examples, greedy, max_new_tokens {result.max_new_tokens}",
-                  title_justify="left")
+    cut = f" ({result.prompts_truncated} prompts cut to fit train.max_length)" if result.prompts_truncated else ""
+    table = Table(title=f"{result.split} split, {result.n} examples{cut}, greedy, max_new_tokens "
+                        f"{result.max_new_tokens}", title_justify="left")
     for col in ("metric", "base", "tuned", "change"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for metric, base in result.base.items():
@@ -402,6 +403,11 @@ class TrainingView:
             f"{p['steps']} steps x effective batch {p['effective_batch']} = {p['epochs']:.2f} epochs, "
             f"~{p['tokens_per_step']:,.0f} tokens per step",
         )
+        held = p["held_out"]
+        if held:
+            leak = (f"; [bold yellow]{held['in_train']} of them also in the training data[/]: their scores measure "
+                    f"memory, not generalization" if held["in_train"] else "")
+            table.add_row("held out", f"{held['rows']} rows of the {held['split']} split for base vs tuned{leak}")
         for note in p["not_measured"]:
             table.add_row("not measured", note)
         console.print(table)

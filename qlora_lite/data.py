@@ -189,6 +189,12 @@ def encode_prompt(
     return before + head + tail + after, truncated
 
 
+def rows_also_in(rows: list[dict], train_rows, column: str) -> int:
+    """How many of `rows` have an input text that some training row has too: their scores measure memory."""
+    seen = {str(row[column]).strip() for row in train_rows}
+    return sum(str(row[column]).strip() in seen for row in rows)
+
+
 def encode_target(row: dict, target_column: str, tokenizer) -> list[int]:
     """Target ids ending with EOS, so the model learns to stop (also when pad == eos)."""
     ids = tokenizer(str(row[target_column]), add_special_tokens=False)["input_ids"]

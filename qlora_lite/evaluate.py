@@ -74,6 +74,7 @@ class EvalResult:
     forgetting: Forgetting | None
     eval_json: Path
     samples_md: Path
+    prompts_truncated: int = 0  # held-out prompts whose input text was cut to fit, as training cut them
 
 
 # ---------------------------------------------------------------- loading a finished run
@@ -336,10 +337,11 @@ def score(predictions: list[str], references: list[str], metrics) -> dict[str, f
 
 
 def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str | Path, *,
-                 split: str | None = None) -> EvalResult:
+                 split: str | None = None, train_rows=None) -> EvalResult:
     """Generate with the base (adapter disabled) and the tuned model, score both, write eval.json and samples.md.
     Another split than the run's own (`eval --split eval` of a run evaluated on test) writes eval-<split>.json and
-    samples-<split>.md, so the run's own evaluation, which the report and compare read, is kept.
+    samples-<split>.md, so the run's own evaluation, which the report and compare read, is kept. With the
+    training rows (`run` has them), eval.json counts the held-out rows whose input was trained on.
 
     `loaded.model` must be a PEFT model; it is left in eval mode.
     """
@@ -349,7 +351,7 @@ def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str |
     split, rows = held_out_rows(recipe, split)
     suffix = "" if split == own_split else f"-{split}"
     eval_json, samples_md = run_dir / f"eval{suffix}.json", run_dir / f"samples{suffix}.md"
-    prompts = encode_prompts(rows, recipe, loaded.tokenizer, loaded.is_encoder_decoder)
+    prompts, truncated = encode_prompts(rows, recipe, loaded.tokenizer, loaded.is_encoder_decoder)
     references = [str(row[recipe.data.target_column]).strip() for row in rows]
     model = loaded.model
     model.eval()
@@ -381,10 +383,11 @@ def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str |
         "tuned": score(texts["tuned"], references, recipe.eval.metrics),
         "n": len(rows),
         "split": split,
+        "in_train": None if train_rows is None else data_stage.rows_also_in(rows, train_rows, recipe.data.input_column),
         "generation": {
             "max_new_tokens": recipe.eval.max_new_tokens, "batch_size": recipe.eval.batch_size, "do_sample": False,
             "num_beams": 1, "repetition_penalty": 1.0, "use_cache": True, "stop": "eos",
-            "prompt_max_tokens": max(len(p) for p in prompts),
+            "prompt_max_tokens": max(len(p) for p in prompts), "prompts_truncated": truncated,
         },
         "rouge": {"package": f"rouge-score {metadata.version('rouge-score')}", "use_stemmer": True,
                   "aggregate": "mean", "sentence_split": SENTENCE_SPLIT_NOTE},
@@ -399,12 +402,13 @@ def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str |
     return EvalResult(
         split=split, n=len(rows), base=report["base"], tuned=report["tuned"], seconds=seconds["total"],
         max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size, forgetting=forgetting,
-        eval_json=eval_json, samples_md=samples_md,
+        eval_json=eval_json, samples_md=samples_md, prompts_truncated=truncated,
     )
 
 
-def encode_prompts(rows: list[dict], recipe: Recipe, tokenizer, is_encoder_decoder: bool) -> list[list[int]]:
-    """The prompt tokens training used, cut to leave room for max_new_tokens within train.max_length."""
+def encode_prompts(rows: list[dict], recipe: Recipe, tokenizer, is_encoder_decoder: bool) -> tuple[list[list[int]], int]:
+    """The prompt tokens training used, cut to leave room for max_new_tokens within train.max_length; and how
+    many were cut (their end of input text is missing: a summary of it cannot be scored fairly)."""
     if not rows:
         raise UserError("the held-out split has no rows with both input and target text")
     if is_encoder_decoder:
@@ -416,10 +420,11 @@ def encode_prompts(rows: list[dict], recipe: Recipe, tokenizer, is_encoder_decod
                 f"eval.max_new_tokens = {recipe.eval.max_new_tokens} leaves no room for the prompt within "
                 f"train.max_length = {recipe.train.max_length}; lower eval.max_new_tokens"
             )
-    return [
-        data_stage.encode_prompt(row, recipe.prompt, tokenizer, recipe.data.input_column, limit, encoder=encoder)[0]
+    encoded = [
+        data_stage.encode_prompt(row, recipe.prompt, tokenizer, recipe.data.input_column, limit, encoder=encoder)
         for row in rows
     ]
+    return [ids for ids, _ in encoded], sum(cut for _, cut in encoded)
 
 
 def write_samples(path: Path, split: str, rows, recipe: Recipe, references, texts: dict[str, list[str]]) -> None:

@@ -136,7 +136,7 @@ def _attach(recipe: Recipe, model, enc_dec: bool):
     """The method on the skeleton: PEFT's own LoRA or prompt tuning; full fine-tuning trains every weight (a
     fresh model's parameters all require grad). The prompt's init text changes values, not shapes; PEFT gives T5 a
     prompt per stack (num_transformer_submodules = 2) and trains both, though only the encoder's is used."""
-    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+    from peft import PromptTuningConfig, get_peft_model
 
     task = "SEQ_2_SEQ_LM" if enc_dec else "CAUSAL_LM"
     if recipe.method.kind == "full":
@@ -144,13 +144,9 @@ def _attach(recipe: Recipe, model, enc_dec: bool):
     if recipe.method.kind == "prompt_tuning":
         tokens = recipe.method.num_virtual_tokens
         return get_peft_model(model, PromptTuningConfig(task_type=task, num_virtual_tokens=tokens))
-    lora = recipe.lora
-    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
-    try:
-        return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                target_modules=targets, task_type=task))
-    except ValueError as e:
-        raise UserError(f"lora.target_modules: {e}") from None
+    from qlora_lite.model import wrap_lora  # model.py imports the planner: not at the top
+
+    return wrap_lora(model, recipe.lora, enc_dec)
 
 
 def _dims(config, blocks: dict, lengths: list[int]) -> dict[str, int]:

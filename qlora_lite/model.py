@@ -11,6 +11,7 @@ What stays in which dtype is decided here, and the memory planner models exactly
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import logging
 import os
@@ -201,23 +202,50 @@ def freeze_base(model, train: TrainRecipe, *, use_reentrant: bool = True) -> Non
 
 def attach_lora(loaded: LoadedModel, lora: LoraRecipe, train: TrainRecipe, *, use_reentrant: bool = True):
     """Freeze the base and wrap it with LoRA adapters (qlora and lora)."""
+    freeze_base(loaded.model, train, use_reentrant=use_reentrant)
+    loaded.model = wrap_lora(loaded.model, lora, loaded.is_encoder_decoder)
+    return loaded.model
+
+
+def wrap_lora(model, lora: LoraRecipe, is_encoder_decoder: bool):
+    """PEFT's LoRA on `model` (the planner's meta skeleton too), PEFT's refusals as one recipe error."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    freeze_base(loaded.model, train, use_reentrant=use_reentrant)
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    if isinstance(targets, list):
+        check_lora_targets(model, targets)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
-        task_type=TaskType.SEQ_2_SEQ_LM if loaded.is_encoder_decoder else TaskType.CAUSAL_LM,
+        target_modules=targets,
+        task_type=TaskType.SEQ_2_SEQ_LM if is_encoder_decoder else TaskType.CAUSAL_LM,
     )
     try:
-        loaded.model = get_peft_model(loaded.model, config)
+        return get_peft_model(model, config)
     except ValueError as e:
         if "lora_dropout" in str(e):  # Mixtral-style fused experts (3-D parameters) take no LoRA dropout
             raise UserError(f"lora.dropout: PEFT says: {e} Set lora.dropout = 0 for this model") from None
         raise UserError(f"lora.target_modules: {e}") from None
-    return loaded.model
+
+
+def check_lora_targets(model, targets: list[str]) -> None:
+    """Every listed name must match a layer LoRA can adapt: PEFT is content with one match, so a typo ("v_prj")
+    silently trained fewer layers than asked, and a block's name ("self_attn") failed with the block printed."""
+    from transformers.pytorch_utils import Conv1D
+
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
+    found = {t: [m for n, m in model.named_modules() if n == t or n.endswith("." + t)] for t in targets}
+    wrong = [t for t in targets if not any(isinstance(m, kinds) for m in found[t])]
+    if not wrong:
+        return
+    target, found = wrong[0], found[wrong[0]]
+    layers = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds)})
+    close = difflib.get_close_matches(target, layers, n=1)
+    what = (f"{target!r} is a {type(found[0]).__name__}, not a layer LoRA adapts" if found
+            else f"{target!r} matches no layer of this model")
+    raise UserError(f"lora.target_modules: {what}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                    + f"; its linear and embedding layers: {', '.join(layers)}; or use \"all-linear\"")
 
 
 def prompt_tuning_init_text(method: MethodRecipe, prompt: PromptRecipe) -> str:

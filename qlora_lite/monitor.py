@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from transformers import TrainerCallback
 
+from qlora_lite.memory import CUDA_CONTEXT_GIB
 from qlora_lite.report import append_jsonl, read_jsonl
 
 GIB = 2**30
@@ -107,8 +108,13 @@ def _nvml(handle) -> dict:
 
 
 def footprint_gib(row: dict) -> float | None:
-    """This process's GPU memory: NVML's per-process figure, else reserved memory (a lower bound: no context)."""
-    return row.get("process_used_gib", row.get("cuda_peak_reserved_gib"))
+    """This process's GPU memory, as the budget counts it: NVML's per-process figure, else the allocator's peak
+    reserve plus the CUDA context the plan counts (containers often hide per-process figures, and the reserve
+    alone leaves out the context's ~0.5 GiB, which the device and the budget include)."""
+    if "process_used_gib" in row:
+        return row["process_used_gib"]
+    reserved = row.get("cuda_peak_reserved_gib")
+    return None if reserved is None else reserved + CUDA_CONTEXT_GIB
 
 
 class MemoryMonitor(TrainerCallback):

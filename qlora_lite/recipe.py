@@ -234,7 +234,9 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, files_must_exist
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise RecipeError([f"not valid TOML: {e}"], source=str(path)) from None
+        twice = " (a key or [section] written twice: keep one)" if "Cannot overwrite" in str(e) or \
+            "Cannot declare" in str(e) else ""
+        raise RecipeError([f"not valid TOML: {e}{twice}"], source=str(path)) from None
     return recipe_from_dict(raw, overrides, base_dir=path.parent, source=str(path), files_must_exist=files_must_exist)
 
 
@@ -283,6 +285,10 @@ def _apply_overrides(raw: dict, overrides, problems: list[str]) -> dict:
         except tomllib.TOMLDecodeError:
             value = text.strip()
         parts = key.split(".")
+        if not all(part.strip() for part in parts):
+            problems.append(f"--set {item!r}: expected section.key=value, e.g. train.max_steps=30 (an empty name "
+                            f"in {key!r})")
+            continue
         if len(parts) == 1:
             raw[key] = value
         elif len(parts) == 2:

@@ -157,6 +157,9 @@ def evaluation_section(run_dir: Path) -> list[str]:
     keys = shown_metrics(report)
     plot_bars(run_dir / "rouge.png", keys, {m: [100 * report[m][k] for k in keys] for m in ("base", "tuned")})
     lines = metrics_table(report) + ["", "![base vs tuned](rouge.png)"]
+    if report.get("in_train"):
+        lines += ["", f"**{report['in_train']} of the {report.get('n')} held-out examples also appear in the training "
+                      f"data** (the same input text): their scores measure memory, not generalization."]
     generation = report.get("generation")
     if generation:
         lines += ["", "Generation: " + ", ".join(f"{k} {v}" for k, v in generation.items()) + "."]

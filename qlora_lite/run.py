@@ -60,7 +60,7 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
 
     # Data, then model: a missing file, column or model fails here, and leaves nothing behind.
     splits = data_stage.load_splits(recipe.data, recipe.prompt)
-    held_out = evaluate.held_out_rows(recipe, splits=splits)[1] if recipe.eval.enabled else []
+    held_out_split, held_out = evaluate.held_out_rows(recipe, splits=splits) if recipe.eval.enabled else (None, [])
     if recipe.eval.forgetting:
         evaluate.forgetting_texts(recipe.eval.forgetting)  # a missing or unreadable text fails now, not after training
     loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train, recipe.method, recipe.prompt)
@@ -69,6 +69,11 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
     train_ds, stats = data_stage.build_examples(
         splits["train"], loaded.tokenizer, recipe.data, recipe.prompt, recipe.train, loaded.is_encoder_decoder
     )
+    if stats.rows < recipe.train.micro_batch_size:  # it trained on one batch of them all, planned as a bigger one
+        raise UserError(
+            f"train.micro_batch_size = {recipe.train.micro_batch_size} is more than the {stats.rows} usable rows of "
+            f"data.train ({recipe.data.train}); set train.micro_batch_size to {stats.rows} or less, or add data"
+        )
     eval_ds = None
     if "eval" in splits:
         eval_ds, _ = data_stage.build_examples(
@@ -97,6 +102,10 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
             "epochs": steps * effective_batch / stats.rows,
             "tokens_per_step": stats.tokens_total / stats.rows * effective_batch,
             "not_measured": probe.missing,
+            "held_out": held_out_split and {
+                "split": held_out_split, "rows": len(held_out),
+                "in_train": data_stage.rows_also_in(held_out, splits["train"], recipe.data.input_column),
+            },
         },
     )
 
@@ -129,7 +138,7 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
     evaluation = None
     if recipe.eval.enabled:
         notify("evaluating", {"max_samples": recipe.eval.max_samples})
-        evaluation = evaluate.evaluate_run(loaded, recipe, run_dir)
+        evaluation = evaluate.evaluate_run(loaded, recipe, run_dir, train_rows=splits["train"])
         notify("evaluated", evaluation)
     merged = None
     skip = export.nothing_to_merge(recipe)

@@ -63,6 +63,19 @@ def test_sequences_longer_than_the_model_positions_are_refused_before_loading(tm
     assert main(["plan", str(tmp_path / "t5.toml"), "--set", "train.max_length=4096"]) == 0
 
 
+@pytest.mark.parametrize("targets, said", [
+    ('["q_proj", "v_prj"]', "'v_prj' matches no layer of this model (did you mean 'v_proj'?)"),  # PEFT took it
+    ('["self_attn"]', "'self_attn' is a LlamaAttention, not a layer LoRA adapts"),  # PEFT printed the block
+])
+def test_lora_targets_each_name_a_layer(tmp_path, tiny_llama, tiny_data, capsys, monkeypatch, targets, said):
+    make_recipe(tmp_path, tiny_llama, tiny_data)
+    monkeypatch.setenv("QLORA_LITE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(model_stage, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    assert main(["run", str(tmp_path / "t.toml"), "--set", f"lora.target_modules={targets}"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert said in err and "its linear and embedding layers: down_proj, embed_tokens, gate_proj, k_proj" in err
+
+
 def test_auto_fit_shrinks_the_micro_batch_and_keeps_the_effective_batch(tmp_path, tiny_llama, tiny_data):
     big = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=["train.max_steps=2"])
     config = memory.load_model_config(big.model)
@@ -219,7 +232,7 @@ def test_monitor_on_a_gpu_reads_each_figure_and_survives_one_nvml_refuses(monkey
     assert (row["device_used_gib"], row["device_total_gib"], row["gpu_util_pct"]) == (7, 24, 97)
     assert (row["temperature_c"], row["power_w"]) == (71, 312.5)
     assert (row["cuda_allocated_gib"], row["cuda_peak_reserved_gib"]) == (3, 6) and "process_used_gib" not in row
-    assert monitor.footprint_gib(row) == 6  # no per-process figure: the budget is checked on peak reserved
+    assert monitor.footprint_gib(row) == 6 + memory.CUDA_CONTEXT_GIB  # no per-process figure: reserve + context
 
     mine = SimpleNamespace(pid=os.getpid(), usedGpuMemory=int(6.5 * GIB))
     other = SimpleNamespace(pid=os.getpid() + 1, usedGpuMemory=GIB)

@@ -12,8 +12,8 @@ from qlora_lite import data as data_stage
 from qlora_lite import model as model_stage
 from qlora_lite.errors import UserError
 from qlora_lite.evaluate import (
-    bleu_score, evaluate_run, forgetting_texts, generate, load_run, pad_batch, rouge_scores, split_sentences,
-    text_chunks,
+    bleu_score, encode_prompts, evaluate_run, forgetting_texts, generate, load_run, pad_batch, rouge_scores,
+    split_sentences, text_chunks,
 )
 from qlora_lite.recipe import load_recipe, recipe_to_toml
 from qlora_lite.train import train
@@ -147,6 +147,7 @@ def test_evaluate_run_compares_base_and_tuned_and_writes_its_files(model_fixture
     assert set(report["base"]) == set(report["tuned"]) == rouge | {"bleu"}
     assert report["n"] == result.n == 6 and report["split"] == result.split == "test"
     assert report["generation"]["max_new_tokens"] == 24 and report["generation"]["do_sample"] is False
+    assert report["generation"]["prompts_truncated"] == result.prompts_truncated == 0
     assert "sentence" in report["rouge"]["sentence_split"]
     assert report["base"] != report["tuned"]  # twelve steps moved the adapter's outputs
     assert report["tuned"]["rouge1"] > report["base"]["rouge1"]
@@ -165,6 +166,24 @@ def test_evaluate_run_compares_base_and_tuned_and_writes_its_files(model_fixture
     tuned = re.findall(r"\*\*Tuned:\*\* (.*)", samples)
     base = re.findall(r"\*\*Base:\*\* (.*)", samples)
     assert len(tuned) == len(base) == 6 and tuned != base
+
+
+def test_held_out_prompts_cut_to_fit_are_counted(tmp_path, tiny_llama, tiny_data):
+    """Cut prompts lose the end of their dialogue; eval.json and the eval table say how many."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "r.toml"
+    path.write_text(recipe_text(tiny_llama, tiny_data, tmp_path / "runs", name="r"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    rows = [json.loads(line) for line in (tiny_data / "test.jsonl").read_text().splitlines()]
+    whole, cut = encode_prompts(rows, load_recipe(path, ["train.max_length=1000"]), tokenizer, False)
+    assert cut == 0
+    limit = max(len(p) for p in whole) - 3
+    recipe = load_recipe(path, [f"train.max_length={limit + 8}", "eval.max_new_tokens=8"])
+    prompts, cut = encode_prompts(rows, recipe, tokenizer, False)
+    assert cut == sum(len(p) > limit for p in whole) > 0
+    for full, short in zip(whole, prompts):
+        assert short == full if len(full) <= limit else (len(short) == limit and short[-4:] == full[-4:])
 
 
 def test_load_run_reproduces_the_in_memory_evaluation(tmp_path, tiny_llama, tiny_data):
@@ -197,3 +216,27 @@ def test_forgetting_reads_text_and_jsonl_and_chunks_evenly(tmp_path, tiny_llama)
     chunks = text_chunks(["Ana brings the cake to the park at noon. " * 20], tokenizer, 16, most=3)
     assert [len(c) for c in chunks] == [16, 16, 16]
     assert len(text_chunks(["Ana brings the cake."], tokenizer, 64, most=3)) == 1
+
+
+def test_held_out_rows_that_were_trained_on_are_flagged(tmp_path, tiny_llama, tiny_data, capsys, monkeypatch):
+    """data.test pointing at the training file: ROUGE then measures memory. The setup table, eval.json and the
+    report say so; a clean split says 0."""
+    from qlora_lite import cli
+    from qlora_lite.cli import main
+
+    monkeypatch.setattr(cli.console, "width", 300)  # the setup table's row on one line
+
+    path = tmp_path / "r.toml"
+    path.write_text(recipe_text(tiny_llama, tiny_data, tmp_path / "runs", name="r"))
+    evaluate = ["--set", "eval.enabled=true", "--set", "eval.max_samples=4", "--set", "eval.max_new_tokens=4",
+                "--set", "train.max_steps=2"]
+    assert main(["run", str(path), *evaluate, "--set", f"data.test={tiny_data / 'train.jsonl'}"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "4 rows of the test split for base vs tuned; 4 of them also in the training data" in out
+    run_dir = tmp_path / "runs" / "r"
+    assert json.loads((run_dir / "eval.json").read_text())["in_train"] == 4
+    assert "4 of the 4 held-out examples also appear in the training data" in (run_dir / "report.md").read_text()
+
+    assert main(["run", str(path), *evaluate, "--set", "name=clean"]) == 0
+    assert "also in the training data" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "runs" / "clean" / "eval.json").read_text())["in_train"] == 0

@@ -131,12 +131,27 @@ def test_override_without_equals_is_refused():
     assert "--set" in p
 
 
+@pytest.mark.parametrize("item", [".max_steps=3", "train.=3", "train..max_steps=3"])
+def test_override_with_an_empty_name_is_refused(item):
+    (p,) = problems(BASE, [item])  # ".max_steps" read as an unknown section [] (did you mean quantization?)
+    assert p.startswith(f"--set {item!r}: expected section.key=value") and "an empty name" in p
+
+
 def test_malformed_toml_names_the_line(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('name = "x"\n[model]\nname = "m\n')
     with pytest.raises(RecipeError) as e:
         load_recipe(path)
     assert "not valid TOML" in str(e.value) and "line 3" in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["[train]\nseed = 1\nseed = 2\n", "[train]\nseed = 1\n[train]\nmax_steps = 2\n"])
+def test_a_key_or_section_written_twice_is_named(tmp_path, text):
+    path = tmp_path / "twice.toml"
+    path.write_text(f'name = "x"\n{text}')
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert "line 4" in str(e.value) and "written twice: keep one" in str(e.value)
 
 
 def test_missing_recipe_file(tmp_path):

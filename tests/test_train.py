@@ -270,3 +270,13 @@ def test_resume_of_a_run_that_trained_all_its_steps_says_so(tmp_path, tiny_llama
     run(recipe)
     with pytest.raises(UserError, match=r"already trained 6 steps .*raise train\.max_steps"):
         run(recipe, resume=True)  # the Trainer would have trained a 7th step
+
+
+def test_a_micro_batch_larger_than_the_data_is_refused(tmp_path, tiny_llama, tiny_data):
+    """It trained on one batch of every row while the setup table and the memory plan used micro_batch_size."""
+    recipe = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=["train.micro_batch_size=65"])  # 64 rows
+    with pytest.raises(UserError, match=r"train.micro_batch_size = 65 is more than the 64 usable rows of data.train"):
+        run(recipe)
+    assert not recipe.run_dir.exists()
+    assert run(make_recipe(tmp_path, tiny_llama, tiny_data, name="all", overrides=[
+        "train.micro_batch_size=64", "train.max_steps=1"])).train.steps == 1
