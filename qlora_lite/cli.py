@@ -441,7 +441,8 @@ class TrainingView:
         if self.task is not None:  # compare trains several times: a fresh bar for the next one
             self.progress.remove_task(self.task)
             self.task = None
-        table = Table(title="training", title_justify="left")
+        stopped = f" (stopped by Ctrl-C: {result.steps} of {result.max_steps} steps)" if result.interrupted else ""
+        table = Table(title=f"training{stopped}", title_justify="left")
         for col in ("steps", "first loss", "last loss", "time", "tokens/s"):
             table.add_column(col, justify="right")
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731

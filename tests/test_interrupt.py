@@ -51,8 +51,9 @@ def test_first_ctrl_c_finishes_the_step_saves_a_checkpoint_and_resume_completes(
     path, run_dir = write_recipe(tmp_path, tiny_llama, tiny_data)
     ctrl_c_during_step(monkeypatch, 3)
     assert main(["run", str(path)]) == 130
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "checkpoint-3 is kept" in err and "--resume" in err and "Traceback" not in err
+    assert "stopped by Ctrl-C: 3 of 12 steps" in out
     assert [p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")] == ["checkpoint-3"]  # save_steps is 6
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert not (run_dir / "result.json").exists()  # training is not complete
