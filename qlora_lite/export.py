@@ -99,7 +99,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
     recipe = read_run(run_dir)
     if skip := nothing_to_merge(recipe):
         raise UserError(f"{run_dir}: {skip}")
-    base = base if recipe.load_in_4bit else "original"
+    base = merge_base(recipe, base)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter", trust_remote_code=recipe.model.trust_remote_code)
     torch_dtype = model_stage.DTYPES[dtype]
     if base == "dequantized":
@@ -124,6 +124,11 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
     result = MergeResult(out_dir, dtype, base, rounded, check, time.monotonic() - started)
     (out_dir / "README.md").write_text(model_card(recipe, run_dir, result))
     return result
+
+
+def merge_base(recipe: Recipe, base: str) -> str:
+    """The base a merge uses: a run trained without 4-bit has no rounded weights, so "dequantized" is "original"."""
+    return base if recipe.load_in_4bit else "original"
 
 
 def nothing_to_merge(recipe: Recipe) -> str | None:
@@ -226,15 +231,21 @@ def nf4_round_trip(weight: torch.Tensor, quant: QuantizationRecipe, quantized_dt
 
 
 def round_trip_weights(model, names: list[str], quant: QuantizationRecipe, quantized_dtype: torch.dtype) -> int:
-    """Replace, layer by layer and in place, each named Linear weight by its NF4 round trip; returns the count."""
+    """Replace, layer by layer and in place, each named layer's weight by its NF4 round trip; returns the count.
+    GPT-2's Conv1D stores its weight as (in, out): transformers quantizes the transpose, and so does this."""
+    from transformers.pytorch_utils import Conv1D
+
     modules = dict(model.named_modules())
-    missing = [n for n in names if not isinstance(modules.get(n), torch.nn.Linear)]
+    missing = [n for n in names if not isinstance(modules.get(n), (torch.nn.Linear, Conv1D))]
     if missing:
         raise RuntimeError(f"quantized layers missing from the unquantized model: {missing[:3]}")
     with torch.no_grad():
         for name in names:
             weight = modules[name].weight
-            weight.copy_(nf4_round_trip(weight, quant, quantized_dtype))
+            if isinstance(modules[name], Conv1D):
+                weight.copy_(nf4_round_trip(weight.t(), quant, quantized_dtype).t())
+            else:
+                weight.copy_(nf4_round_trip(weight, quant, quantized_dtype))
     return len(names)
 
 

@@ -217,6 +217,10 @@ def check_context(recipe: Recipe, arch: Arch) -> None:
             raise UserError(f"{what} is longer than the model's context: its config sets max_position_embeddings "
                             f"= {arch.max_positions}; set train.{key} to {arch.max_positions - extra} or less "
                             f"(--set train.{key}=N)")
+    if arch.is_encoder_decoder and recipe.eval.enabled and recipe.eval.max_new_tokens >= arch.max_positions:
+        raise UserError(f"eval.max_new_tokens = {recipe.eval.max_new_tokens}: the decoder's positions end at "
+                        f"max_position_embeddings = {arch.max_positions} (the start token takes one); set "
+                        f"eval.max_new_tokens to {arch.max_positions - 1} or less")
 
 
 def arch_key(recipe: Recipe) -> str | None:

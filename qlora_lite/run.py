@@ -147,7 +147,7 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
     elif recipe.export.merge:
         del loaded  # the 4-bit model is not needed while the full-precision copy is merged
         gc.collect()
-        notify("merging", {"dtype": recipe.export.dtype, "base": recipe.export.base})
+        notify("merging", {"dtype": recipe.export.dtype, "base": export.merge_base(recipe, recipe.export.base)})
         merged = export.merge_run(run_dir, run_dir / "merged", dtype=recipe.export.dtype, base=recipe.export.base)
         notify("merged", merged)
     report_path = report.write_report(run_dir)

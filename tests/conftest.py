@@ -74,6 +74,22 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    """GPT-2: Conv1D layers (weights stored transposed) and learned positions."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    tokenizer = train_tokenizer(corpus(), bos=True, specials=["<unk>", "<s>", "</s>"])
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory) -> Path:
     import torch
     from transformers import T5Config, T5ForConditionalGeneration

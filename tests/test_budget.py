@@ -63,6 +63,26 @@ def test_sequences_longer_than_the_model_positions_are_refused_before_loading(tm
     assert main(["plan", str(tmp_path / "t5.toml"), "--set", "train.max_length=4096"]) == 0
 
 
+def test_encoder_decoder_lengths_and_generation_stay_within_learned_positions(tmp_path, tiny_data, capsys):
+    """BART's learned positions: a longer source or target, or generating past them in evaluation (an IndexError
+    after training), is refused by plan from config.json alone."""
+    from transformers import BartConfig
+
+    folder = tmp_path / "bart"
+    BartConfig(vocab_size=100, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+               decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+               max_position_embeddings=64).save_pretrained(folder)
+    make_recipe(tmp_path, folder, tiny_data)
+    plan = ["plan", str(tmp_path / "t.toml"), "--set", "eval.enabled=true"]
+    lengths = ["--set", "train.max_source_length=64", "--set", "train.max_target_length=64"]
+    assert main([*plan, *lengths, "--set", "eval.max_new_tokens=63"]) == 0
+    capsys.readouterr()
+    assert main([*plan, *lengths, "--set", "eval.max_new_tokens=64"]) == 2
+    assert "set eval.max_new_tokens to 63 or less" in capsys.readouterr().err
+    assert main([*plan, "--set", "train.max_source_length=64", "--set", "train.max_target_length=65"]) == 2
+    assert "set train.max_target_length to 64 or less" in " ".join(capsys.readouterr().err.split())
+
+
 @pytest.mark.parametrize("targets, said", [
     ('["q_proj", "v_prj"]', "'v_prj' matches no layer of this model (did you mean 'v_proj'?)"),  # PEFT took it
     ('["self_attn"]', "'self_attn' is a LlamaAttention, not a layer LoRA adapts"),  # PEFT printed the block

@@ -51,7 +51,7 @@ def test_nf4_round_trip_equals_the_loaded_4bit_weights(tiny_llama):
         assert torch.equal(export.nf4_round_trip(full[name].weight, quant, torch.float32), held), name
 
 
-@pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_t5"])
+@pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_t5", "tiny_gpt2"])
 def test_merged_models_load_with_transformers_and_match_their_reference(model_fixture, request, tmp_path, tiny_data):
     seq2seq = model_fixture == "tiny_t5"
     recipe, _ = make_run(tmp_path, request.getfixturevalue(model_fixture), tiny_data)
@@ -60,7 +60,8 @@ def test_merged_models_load_with_transformers_and_match_their_reference(model_fi
     for base, result in exports.items():
         assert result.check.passed and result.check.relative_diff < 1e-3, result.check
         assert json.loads((result.out_dir / "merge_check.json").read_text())["passed"] is True
-        assert result.rounded_weights == (0 if base == "original" else (28 if seq2seq else 14))
+        quantized = {"tiny_llama": 14, "tiny_t5": 28, "tiny_gpt2": 8}[model_fixture]  # GPT-2: Conv1D layers
+        assert result.rounded_weights == (0 if base == "original" else quantized)
     merged = {b: auto_class(seq2seq).from_pretrained(r.out_dir).eval() for b, r in exports.items()}
     assert not any("lora" in n for n, _ in merged["original"].named_parameters())
     assert merged["original"].dtype == torch.float32
@@ -108,6 +109,19 @@ def test_a_run_without_4bit_merges_into_the_original_base(tmp_path, tiny_llama, 
     recipe, _ = make_run(tmp_path, tiny_llama, tiny_data, steps=2, overrides=["method.kind=lora"])
     result = export.merge_run(recipe.run_dir, tmp_path / "out", dtype="fp32", base="dequantized")
     assert result.base == "original" and result.rounded_weights == 0 and result.check.passed
+
+
+def test_run_announces_the_base_its_merge_uses(tmp_path, tiny_llama, tiny_data):
+    """A lora run said "merging into the dequantized base", then merged into the original one."""
+    from test_train import make_recipe
+
+    from qlora_lite.run import run
+
+    recipe = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=[
+        "method.kind=lora", "train.max_steps=1", "export.merge=true", "export.dtype=fp32"])
+    events = {}
+    result = run(recipe, notify=lambda e, p: events.setdefault(e, p))
+    assert events["merging"]["base"] == result.merged.base == "original"
 
 
 def test_refuses_a_non_empty_folder_unless_forced_and_keeps_other_files(tmp_path, tiny_llama, tiny_data):
