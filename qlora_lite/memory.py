@@ -214,12 +214,12 @@ def check_context(recipe: Recipe, arch: Arch) -> None:
         longest = getattr(t, key) + extra
         if longest > arch.max_positions:
             what = f"train.{key}" + (f" + method.num_virtual_tokens = {longest}" if extra else f" = {longest}")
-            raise UserError(f"{what} is longer than the model's context: its config sets max_position_embeddings "
+            raise UserError(f"{what} is longer than the model's context: its config sets {arch.max_positions_key} "
                             f"= {arch.max_positions}; set train.{key} to {arch.max_positions - extra} or less "
                             f"(--set train.{key}=N)")
     if arch.is_encoder_decoder and recipe.eval.enabled and recipe.eval.max_new_tokens >= arch.max_positions:
         raise UserError(f"eval.max_new_tokens = {recipe.eval.max_new_tokens}: the decoder's positions end at "
-                        f"max_position_embeddings = {arch.max_positions} (the start token takes one); set "
+                        f"{arch.max_positions_key} = {arch.max_positions} (the start token takes one); set "
                         f"eval.max_new_tokens to {arch.max_positions - 1} or less")
 
 

@@ -62,6 +62,7 @@ class Arch:
     block_norms: tuple[tuple[str, int], ...]  # (stream, norm layers in a block): Llama 2, Gemma-2 4, T5's decoder 3
     relative_bias: bool  # T5-style relative position bias (a float tensor per head), instead of a padding mask
     max_positions: int | None  # config.max_position_embeddings: the longest sequence it was trained on (T5: None)
+    max_positions_key: str  # its name in config.json (GPT-2: n_positions)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -123,13 +124,15 @@ def analyze(recipe: Recipe, config) -> Arch:
         attention=model.config._attn_implementation or "eager", **_dropouts(config),
         block_norms=tuple((_stream(name), _norm_count(block)) for name, block in blocks.items()),
         relative_bias=any("relative_attention_bias" in name for name, _ in model.named_modules()),
-        max_positions=_max_positions(config))
+        **_max_positions(config))
 
 
-def _max_positions(config) -> int | None:
+def _max_positions(config) -> dict:
     """max_position_embeddings (GPT-2's n_positions maps to it); None where positions are relative (T5)."""
-    value = getattr(config.get_text_config(), "max_position_embeddings", None)
-    return value if isinstance(value, int) and value > 0 else None
+    text = config.get_text_config()
+    value = getattr(text, "max_position_embeddings", None)
+    return dict(max_positions=value if isinstance(value, int) and value > 0 else None,
+                max_positions_key=text.attribute_map.get("max_position_embeddings", "max_position_embeddings"))
 
 
 def _attach(recipe: Recipe, model, enc_dec: bool):

@@ -229,8 +229,12 @@ def check_lora_targets(model, targets: list[str]) -> None:
     target, found = wrong[0], found[wrong[0]]
     layers = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds)})
     close = difflib.get_close_matches(target, layers, n=1)
+    fused = [n for n, p in model.named_parameters() if p.ndim >= 3 and (n.endswith("." + target) or f".{target}." in n)]
     what = (f"{target!r} is a {type(found[0]).__name__}, not a layer LoRA adapts" if found
             else f"{target!r} matches no layer of this model")
+    if fused:  # Mixtral-style experts stored as one 3-D tensor: PEFT adapts them as parameters, under all-linear
+        what = (f"{target!r} {'holds' if found else 'names'} fused expert weights (3-D tensors), not a layer: PEFT "
+                f"adapts them only under target_modules = \"all-linear\"")
     raise UserError(f"lora.target_modules: {what}" + (f" (did you mean {close[0]!r}?)" if close else "")
                     + f"; its linear and embedding layers: {', '.join(layers)}; or use \"all-linear\"")
 

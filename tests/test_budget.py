@@ -47,7 +47,7 @@ def test_plan_command_json(tmp_path, tiny_llama, tiny_data, capsys):
 
 
 def test_sequences_longer_than_the_model_positions_are_refused_before_loading(tmp_path, tiny_llama, tiny_t5,
-                                                                            tiny_data, capsys, monkeypatch):
+                                                                            tiny_gpt2, tiny_data, capsys, monkeypatch):
     make_recipe(tmp_path, tiny_llama, tiny_data)  # its config: max_position_embeddings = 512
     path = str(tmp_path / "t.toml")
     monkeypatch.setattr(model_stage, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
@@ -59,6 +59,9 @@ def test_sequences_longer_than_the_model_positions_are_refused_before_loading(tm
     prompt_tuning = ["--set", "method.kind=prompt_tuning", "--set", "method.num_virtual_tokens=20"]
     assert main(["plan", path, "--set", "train.max_length=500", *prompt_tuning]) == 2
     assert "method.num_virtual_tokens = 520" in capsys.readouterr().err
+    make_recipe(tmp_path, tiny_gpt2, tiny_data, name="gpt2")  # the limit under the name config.json gives it
+    assert main(["plan", str(tmp_path / "gpt2.toml"), "--set", "train.max_length=257"]) == 2
+    assert "its config sets n_positions = 256" in " ".join(capsys.readouterr().err.split())
     make_recipe(tmp_path, tiny_t5, tiny_data, name="t5")  # relative positions: no limit to check
     assert main(["plan", str(tmp_path / "t5.toml"), "--set", "train.max_length=4096"]) == 0
 
@@ -94,6 +97,20 @@ def test_lora_targets_each_name_a_layer(tmp_path, tiny_llama, tiny_data, capsys,
     assert main(["run", str(tmp_path / "t.toml"), "--set", f"lora.target_modules={targets}"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert said in err and "its linear and embedding layers: down_proj, embed_tokens, gate_proj, k_proj" in err
+
+
+@pytest.mark.parametrize("target, said", [("gate_up_proj", "names"), ("experts", "holds")])
+def test_fused_expert_weights_are_reached_only_through_all_linear(tmp_path, tiny_data, capsys, target, said):
+    """Mixtral's experts are 3-D tensors, not layers: naming them was refused as a typo, or printed the block."""
+    from transformers import MixtralConfig
+
+    folder = tmp_path / "mixtral"
+    MixtralConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, num_local_experts=4).save_pretrained(folder)
+    make_recipe(tmp_path, folder, tiny_data)
+    assert main(["plan", str(tmp_path / "t.toml"), "--set", f'lora.target_modules=["q_proj", "{target}"]']) == 2
+    assert (f"'{target}' {said} fused expert weights (3-D tensors), not a layer: PEFT adapts them only under "
+            f'target_modules = "all-linear"') in " ".join(capsys.readouterr().err.split())
 
 
 def test_auto_fit_shrinks_the_micro_batch_and_keeps_the_effective_batch(tmp_path, tiny_llama, tiny_data):
