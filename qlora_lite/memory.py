@@ -591,6 +591,9 @@ def plan_notes(arch: Arch) -> tuple[str, ...]:
     if arch.experts:
         notes.append(f"mixture of experts ({arch.experts} experts): routing is not modelled; activations are "
                      f"planned as if every token ran one dense MLP")
+    if arch.fused_expert_params and arch.method in ("qlora", "lora") and not arch.fused_experts_adapted:
+        notes.append(f"PEFT puts no LoRA on its fused experts ({arch.fused_expert_params / 1e6:.1f}M weights): they "
+                     f"stay frozen, only its linear layers train")
     if arch.fused_expert_params and arch.quantized_numels:
         notes.append(f"its experts are fused 3-D tensors, which bitsandbytes does not quantize: "
                      f"{2 * arch.fused_expert_params / GIB:.2f} GiB of them stay in 16-bit (in weights_16bit)")

@@ -33,6 +33,7 @@ class Arch:
     model_type: str  # config.model_type: the byte model is checked on CHECKED_TYPES
     experts: int  # mixture-of-experts layers' experts (0: a dense model)
     fused_expert_params: int  # experts stored as 3-D tensors (transformers 5): bitsandbytes leaves them 16-bit
+    fused_experts_adapted: bool  # PEFT put LoRA on them (it does for Mixtral under all-linear, not for Qwen2-MoE)
     params: ParamCount
     quantized_numels: tuple[int, ...]  # weights of the 4-bit linear layers
     norm_params: int  # 1-D norm weights, upcast to fp32 by model.py (frozen bases)
@@ -111,6 +112,7 @@ def analyze(recipe: Recipe, config) -> Arch:
     return Arch(
         method=recipe.method.kind, model_type=config.model_type, experts=_experts(config),
         fused_expert_params=sum(p.numel() for n, p in base.items() if p.ndim >= 3 and n not in quantized),
+        fused_experts_adapted=any(type(m).__name__ == "ParamWrapper" for m in wrapped.modules()),
         params=ParamCount(trained, base_count - sum(q_numels) + packed + adapter, base_count),
         quantized_numels=q_numels, norm_params=norm, other_params=base_count - sum(q_numels) - norm,
         trainable_shapes=tuple(tuple(p.shape) for p in trainable.values()),

@@ -527,6 +527,9 @@ def test_plan_notes_an_unchecked_family_and_experts():
     fused = 2 * 4 * (2 * 128 * 64 + 64 * 128)  # layers x experts x (gate_up + down), left 16-bit by bitsandbytes
     assert any(f"{2 * fused / GIB:.2f} GiB of them stay in 16-bit" in n for n in moe.notes)
     assert moe.components["weights_16bit"] * GIB >= 2 * fused
+    assert not any("no LoRA on its fused experts" in n for n in moe.notes)  # PEFT adapts Mixtral's under all-linear
+    qwen = plan_memory(recipe, AutoConfig.for_model("qwen2_moe", num_experts=4, moe_intermediate_size=128, **small))
+    assert any("PEFT puts no LoRA on its fused experts" in n for n in qwen.notes)  # trained attention alone, unsaid
     assert plan_memory(recipe, AutoConfig.for_model("llama", **small)).notes == ()
 
 
