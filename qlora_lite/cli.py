@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:  # run and compare say what was kept (Interrupted); a merge may have written part
-        hint = f": {args.out} may hold part of the export; merge again with --force" if args.command == "merge" else ""
+        partial = args.command == "merge" and os.path.exists(args.out)
+        hint = f": {args.out} may hold part of the export; merge again with --force" if partial else ""
         err_console.print(f"[yellow]interrupted[/]{hint}")
         return 130
 

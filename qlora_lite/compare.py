@@ -52,30 +52,32 @@ def compare(recipe: Recipe, methods: list[str], *, resume: bool = False,
                         f"or choose a new name (--set name=NEW_NAME)")
     if not recipe.eval.enabled:
         raise UserError("compare scores each method with ROUGE: set [eval] enabled = true")
+    for kind in methods:  # every method kept or continued must share the data, steps and evaluation
+        sub = method_recipe(recipe, kind)
+        if (sub.run_dir / "recipe.toml").is_file():
+            changed = run_stage.changed_settings(sub, (*run_stage.FROZEN_ON_RESUME, "train", "eval"))
+            if changed:
+                raise UserError(f"--resume: the {kind} run in {sub.run_dir} used other settings "
+                                f"({'; '.join(changed)}); its results would not compare with the others. Compare "
+                                f"under a new name (--set name=NEW_NAME) to run every method again")
     refused = {}
     for kind in methods:
         sub = method_recipe(recipe, kind)
-        if trained(sub.run_dir):
-            changed = run_stage.changed_settings(sub)
-            if changed:
-                raise UserError(f"--resume: the trained {kind} run in {sub.run_dir} used other settings "
-                                f"({'; '.join(changed)}); compare under a new name (--set name=NEW_NAME) to run "
-                                f"every method again")
-            if (sub.run_dir / "eval.json").is_file():
-                notify("method_skipped", {"method": kind, "run_dir": sub.run_dir})
-                continue
+        if trained(sub.run_dir) and (sub.run_dir / "eval.json").is_file():
+            notify("method_skipped", {"method": kind, "run_dir": sub.run_dir})
+            continue
         notify("method", {"method": kind, "learning_rate": sub.train.learning_rate, "run_dir": sub.run_dir})
         try:
             if trained(sub.run_dir):  # stopped (Ctrl-C, a crash) between training and its evaluation
                 evaluate_trained(sub.run_dir, notify)
-            else:
-                started = sub.run_dir.exists() and train_stage.last_checkpoint(sub.run_dir) is not None
-                run_stage.run(sub, resume=started, notify=notify)
+            else:  # a started run continues from its last checkpoint, or starts over in place without one
+                run_stage.run(sub, resume=(sub.run_dir / "recipe.toml").is_file(), notify=notify)
         except BudgetError as e:  # e.g. full fine-tuning over the budget: that is a result, not a failure
             refused[kind] = str(e)
             notify("method_refused", {"method": kind, "reason": str(e)})
-        except KeyboardInterrupt:
-            raise Interrupted(f"{kind} {run_stage.interrupted_message(sub)}") from None
+        except (KeyboardInterrupt, Interrupted):
+            raise Interrupted(f"during the {kind} run ({sub.run_dir}); what finished is kept: continue the comparison "
+                              f"with the same command and --resume") from None
     comparison = {
         "recipe": recipe.name,
         "methods": {kind: summarize(out / kind) for kind in methods if kind not in refused},

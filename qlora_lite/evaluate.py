@@ -340,8 +340,8 @@ def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str |
                  split: str | None = None, train_rows=None) -> EvalResult:
     """Generate with the base (adapter disabled) and the tuned model, score both, write eval.json and samples.md.
     Another split than the run's own (`eval --split eval` of a run evaluated on test) writes eval-<split>.json and
-    samples-<split>.md, so the run's own evaluation, which the report and compare read, is kept. With the
-    training rows (`run` has them), eval.json counts the held-out rows whose input was trained on.
+    samples-<split>.md, so the run's own evaluation, which the report and compare read, is kept. eval.json
+    counts the held-out rows whose input was trained on (with `run`'s training rows, or a local data.train).
 
     `loaded.model` must be a PEFT model; it is left in eval mode.
     """
@@ -352,6 +352,8 @@ def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str |
     suffix = "" if split == own_split else f"-{split}"
     eval_json, samples_md = run_dir / f"eval{suffix}.json", run_dir / f"samples{suffix}.md"
     prompts, truncated = encode_prompts(rows, recipe, loaded.tokenizer, loaded.is_encoder_decoder)
+    if train_rows is None and Path(recipe.data.train).is_file():  # `eval` of a saved run: its local training file
+        train_rows = data_stage.load_splits(recipe.data, recipe.prompt, names=("train",))["train"]
     references = [str(row[recipe.data.target_column]).strip() for row in rows]
     model = loaded.model
     model.eval()

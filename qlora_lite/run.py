@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import json
 import os
+import pickle
 import platform
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from qlora_lite import data as data_stage
 from qlora_lite import evaluate, export, memory, monitor, report
 from qlora_lite import model as model_stage
 from qlora_lite import train as train_stage
-from qlora_lite.errors import BudgetError, Interrupted, UserError
+from qlora_lite.errors import BudgetError, Interrupted, UserError, error_line
 from qlora_lite.recipe import SECTIONS, Recipe, load_recipe, recipe_to_toml
 
 # Sections whose change makes a checkpoint meaningless: resuming with them changed is refused.
@@ -148,7 +149,8 @@ def run(recipe: Recipe, *, resume: bool = False, notify: Callable[[str, object],
         del loaded  # the 4-bit model is not needed while the full-precision copy is merged
         gc.collect()
         notify("merging", {"dtype": recipe.export.dtype, "base": export.merge_base(recipe, recipe.export.base)})
-        merged = export.merge_run(run_dir, run_dir / "merged", dtype=recipe.export.dtype, base=recipe.export.base)
+        merged = export.merge_run(run_dir, run_dir / "merged", dtype=recipe.export.dtype, base=recipe.export.base,
+                                  force=resume)  # a resumed run's merged/ is its own export of fewer steps: replaced
         notify("merged", merged)
     report_path = report.write_report(run_dir)
     return RunResult(run_dir, result, stats, trainable, total, plan, evaluation, merged, report_path,
@@ -220,12 +222,39 @@ def check_run_dir(recipe: Recipe, resume: bool) -> None:
             f"--resume: the recipe differs from the run in {run_dir} ({'; '.join(changed)}); a checkpoint only "
             f"continues the same model, data and adapter. Use a new name to start over"
         )
+    check_checkpoint(last)
     done = json.loads((last / "trainer_state.json").read_text())["global_step"]
     if recipe.train.max_steps is not None and done >= recipe.train.max_steps:
         raise UserError(  # the Trainer would run one step past max_steps
             f"--resume: {run_dir} already trained {done} steps ({last.name}) and train.max_steps is "
             f"{recipe.train.max_steps}; raise train.max_steps to train further, or use eval, merge or report on it"
         )
+
+
+def check_checkpoint(checkpoint: Path) -> None:
+    """A checkpoint --resume can load (a crash or a full disk during its save leaves one that is not): the trainer
+    state, the weights and, as the Trainer loads them, the optimizer and scheduler states; else the command that
+    removes it so the one before it is used."""
+    import torch
+
+    path = checkpoint / "trainer_state.json"
+    try:
+        json.loads(path.read_bytes())["global_step"]
+        for path in sorted(checkpoint.glob("*.json")) + sorted(checkpoint.glob("*.safetensors")):
+            evaluate.read_saved_file(path)
+        for path in (checkpoint / "optimizer.pt", checkpoint / "scheduler.pt"):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                raise ValueError("not a PyTorch file that loads") from None
+    except Exception as e:  # noqa: BLE001 -- OSError, JSON, safetensors and unpickling errors alike
+        found = sorted(checkpoint.parent.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        earlier = [p for p in found if p != checkpoint]
+        fix = (f"remove it to continue from {earlier[-1].name}: rm -r {checkpoint}" if earlier else
+               "it is the only checkpoint: start again under a new name (--set name=NEW_NAME)")
+        raise UserError(f"--resume: the last checkpoint {checkpoint} cannot be loaded ({path.name}: "
+                        f"{error_line(e)}); {fix}") \
+            from None
 
 
 def interrupted_message(recipe: Recipe) -> str:
@@ -253,11 +282,11 @@ def interrupted_message(recipe: Recipe) -> str:
     return f"during training: {last.name} is kept in {last.parent}; continue from it with the same command and --resume"
 
 
-def changed_settings(recipe: Recipe) -> list[str]:
-    """'lora.r: 16 → 8' for each FROZEN_ON_RESUME setting in which `recipe` differs from its run's saved recipe."""
+def changed_settings(recipe: Recipe, sections=FROZEN_ON_RESUME) -> list[str]:
+    """'lora.r: 16 → 8' for each setting of `sections` in which `recipe` differs from its run's saved recipe."""
     before = load_recipe(recipe.run_dir / "recipe.toml", files_must_exist=False)
     changes = []
-    for section in FROZEN_ON_RESUME:
+    for section in sections:
         old, new = dataclasses.asdict(getattr(before, section)), dataclasses.asdict(getattr(recipe, section))
         changes += [f"{section}.{key}: {old[key]!r} → {new[key]!r}" for key in old if old[key] != new[key]]
     return changes

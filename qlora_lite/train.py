@@ -125,13 +125,18 @@ class MetricsLog(TrainerCallback):
 
 
 class RateOnResume(TrainerCallback):
-    """A run resumed with more steps trains on the schedule of the new total from its first resumed step.
+    """A resumed run trains on the schedule of its recipe from its first resumed step: the new total of steps and
+    the new peak learning rate.
 
-    The checkpoint's optimizer holds the old schedule's next rate (0 where a decay ended) while the rebuilt scheduler
-    already spans the new max_steps: without this, the first resumed step trained at the old rate."""
+    The checkpoint's optimizer holds the old schedule's next rate (0 where a decay ended) and its scheduler the old
+    peak (base_lrs), while the rebuilt scheduler already spans the new max_steps: without this, the first resumed
+    step trained at the old rate, and a changed train.learning_rate was recorded but never applied."""
 
     def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
         if state.global_step and isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
+            lr_scheduler.base_lrs = [args.learning_rate] * len(lr_scheduler.base_lrs)
+            for group in lr_scheduler.optimizer.param_groups:
+                group["initial_lr"] = args.learning_rate
             lr_scheduler.last_epoch -= 1
             lr_scheduler.step()  # writes the new schedule's rate for this step into the optimizer
 

@@ -235,6 +235,8 @@ def test_held_out_rows_that_were_trained_on_are_flagged(tmp_path, tiny_llama, ti
     assert "4 rows of the test split for base vs tuned; 4 of them also in the training data" in out
     run_dir = tmp_path / "runs" / "r"
     assert json.loads((run_dir / "eval.json").read_text())["in_train"] == 4
+    assert main(["eval", str(run_dir)]) == 0  # evaluated again on its own: counted the same (it wrote null)
+    assert json.loads((run_dir / "eval.json").read_text())["in_train"] == 4
     assert "4 of the 4 held-out examples also appear in the training data" in (run_dir / "report.md").read_text()
 
     assert main(["run", str(path), *evaluate, "--set", "name=clean"]) == 0

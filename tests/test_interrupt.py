@@ -113,7 +113,8 @@ def test_compare_resume_evaluates_a_method_stopped_after_training(tmp_path, tiny
     args = ["compare", str(path), "--methods", "qlora", *EVAL]
     monkeypatch.setattr(evaluate, "evaluate_run", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     assert main(args) == 130
-    assert "qlora after training, which is complete" in " ".join(capsys.readouterr().err.split())
+    said = " ".join(capsys.readouterr().err.split())  # not the run's eval commands: they leave the comparison undone
+    assert f"during the qlora run ({sub}); what finished is kept: continue the comparison with the same command" in said
     trained_at = (sub / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
 
     monkeypatch.undo()

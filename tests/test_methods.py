@@ -171,7 +171,11 @@ def test_compare_writes_the_table_for_every_method(tmp_path, tiny_llama, tiny_da
     # ... but not a finished run trained on another adapter than the recipe now asks for.
     assert main(["compare", str(path), "--methods", "qlora", "--resume", *sets, "--set", "lora.r=4"]) == 2
     err = capsys.readouterr().err
-    assert "trained qlora run" in err and "lora.r: 8 → 4" in err
+    assert "the qlora run in" in err and "lora.r: 8 → 4" in err
+    # ... nor one kept beside runs of other steps or another evaluation: the table would mix them.
+    for change, said in (("train.max_steps=5", "train.max_steps: 4 → 5"), ("eval.max_samples=2", "eval.max_samples")):
+        assert main(["compare", str(path), "--methods", "qlora", "--resume", *sets, "--set", change]) == 2
+        assert said in capsys.readouterr().err
 
 
 def test_compare_rejects_unknown_methods():

@@ -280,3 +280,37 @@ def test_a_micro_batch_larger_than_the_data_is_refused(tmp_path, tiny_llama, tin
     assert not recipe.run_dir.exists()
     assert run(make_recipe(tmp_path, tiny_llama, tiny_data, name="all", overrides=[
         "train.micro_batch_size=64", "train.max_steps=1"])).train.steps == 1
+
+
+def test_resume_with_a_new_learning_rate_trains_at_it_and_exports_again(tmp_path, tiny_llama, tiny_data):
+    """The checkpoint's scheduler kept the old peak: the resumed steps followed 5e-3 while result.json, recipe.toml
+    and the report said 1e-3. And the run's merged/ is exported again, not refused as someone's folder."""
+    linear = ["train.lr_scheduler=linear", "train.max_steps=6", "export.merge=true", "export.dtype=fp32"]
+    run(make_recipe(tmp_path, tiny_llama, tiny_data, overrides=linear))
+    merged = tmp_path / "runs" / "t" / "merged" / "model.safetensors"
+    six_steps = merged.read_bytes()
+    lower = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=[*linear[:1], *linear[2:], "train.max_steps=8",
+                                                                    "train.learning_rate=1e-3"])
+    result = run(lower, resume=True)  # its merged/ is replaced by the 8-step export (the merge refused the folder)
+    assert result.merged.check.passed and merged.read_bytes() != six_steps
+    rates = {r["step"]: r["learning_rate"] for r in read_metrics(result.run_dir) if "learning_rate" in r}
+    assert rates[6] == pytest.approx(5e-3 * (1 - 5 / 6))
+    assert rates[7] == pytest.approx(1e-3 * (1 - 6 / 8)) and rates[8] == pytest.approx(1e-3 * (1 - 7 / 8))
+    assert json.loads((result.run_dir / "result.json").read_text())["learning_rate"] == 1e-3
+
+
+@pytest.mark.parametrize("damage", ["optimizer.pt", "adapter_model.safetensors", "trainer_state.json"])
+def test_resume_names_a_damaged_last_checkpoint_and_the_one_before_it(tmp_path, tiny_llama, tiny_data, damage):
+    """A save cut short (a crash, a full disk) left a checkpoint the Trainer failed on with a traceback."""
+    recipe = make_recipe(tmp_path, tiny_llama, tiny_data)  # checkpoints 6 and 12
+    run(recipe)
+    last = recipe.run_dir / "checkpoints" / "checkpoint-12"
+    (last / damage).write_bytes(b"garbage")
+    longer = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=["train.max_steps=14"])
+    with pytest.raises(UserError, match=rf"checkpoint-12 cannot be loaded \({damage}: .*remove it to continue from "
+                                        rf"checkpoint-6: rm -r {last}$"):
+        run(longer, resume=True)
+    import shutil
+
+    shutil.rmtree(last)
+    assert run(longer, resume=True).train.steps == 14
