@@ -176,7 +176,7 @@ def cmd_report(args) -> int:
 def eval_table(result) -> Table:
     cut = f" ({result.prompts_truncated} prompts cut to fit train.max_length)" if result.prompts_truncated else ""
     table = Table(title=f"{result.split} split, {result.n} examples{cut}, greedy, max_new_tokens "
-                        f"{result.max_new_tokens}", title_justify="left")
+                        f"{result.max_new_tokens}; scores in % (eval.json: fractions)", title_justify="left")
     for col in ("metric", "base", "tuned", "change"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for metric, base in result.base.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from qlora_lite.errors import UserError, error_line
 from qlora_lite.recipe import Recipe, load_recipe
@@ -124,6 +125,15 @@ def append_jsonl(path: Path, row: dict) -> None:
         f.write(b"\n" * broken + json.dumps(row).encode() + b"\n")
 
 
+def keep_jsonl_rows(path: Path, keep: Callable[[dict], bool]) -> None:
+    """Rewrite a run's log with the rows `keep` accepts (half-written lines dropped), atomically."""
+    if not path.is_file():
+        return
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(b"".join(json.dumps(row).encode() + b"\n" for row in read_jsonl(path)[0] if keep(row)))
+    partial.replace(path)
+
+
 # ---------------------------------------------------------------- sections
 
 
@@ -142,6 +152,9 @@ def training_section(run_dir: Path) -> list[str]:
     evals = sorted({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}.items())
     plot_lines(run_dir / "loss.png", {"train loss": steps, **({"eval loss": evals} if evals else {})},
                xlabel="step", ylabel="loss")
+    if not (run_dir / "result.json").is_file():  # written when training completes
+        note += [f"**Training has not finished**: the last logged step is {steps[-1][0]}; the recipe's schedule "
+                 f"below is what it was meant to train (continue it with `run RECIPE --resume`).", ""]
     return [*note, f"Loss {steps[0][1]:.4f} at step {steps[0][0]}, {steps[-1][1]:.4f} at step {steps[-1][0]}.", "",
             "![training loss](loss.png)"]
 

@@ -224,6 +224,8 @@ def check_run_dir(recipe: Recipe, resume: bool) -> None:
         )
     check_checkpoint(last)
     done = json.loads((last / "trainer_state.json").read_text())["global_step"]
+    for log in ("metrics.jsonl", "memory.jsonl"):  # steps after the checkpoint are trained again: logged again
+        report.keep_jsonl_rows(run_dir / log, lambda row: row.get("step", 0) <= done)
     if recipe.train.max_steps is not None and done >= recipe.train.max_steps:
         raise UserError(  # the Trainer would run one step past max_steps
             f"--resume: {run_dir} already trained {done} steps ({last.name}) and train.max_steps is "

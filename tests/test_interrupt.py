@@ -59,6 +59,8 @@ def test_first_ctrl_c_finishes_the_step_saves_a_checkpoint_and_resume_completes(
     assert not (run_dir / "result.json").exists()  # training is not complete
     assert logged_steps(run_dir) == [1, 2, 3]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as usual afterwards
+    assert main(["report", str(run_dir)]) == 0  # it read "12 steps" as if they had been trained
+    assert "**Training has not finished**: the last logged step is 3" in (run_dir / "report.md").read_text()
 
     monkeypatch.undo()
     seen = lambda n: json.loads((run_dir / f"checkpoints/checkpoint-{n}/trainer_state.json").read_text())[
@@ -66,6 +68,7 @@ def test_first_ctrl_c_finishes_the_step_saves_a_checkpoint_and_resume_completes(
     at_3 = seen(3)
     assert main(["run", str(path), "--resume"]) == 0
     assert logged_steps(run_dir) == list(range(1, 13))
+    assert "has not finished" not in (run_dir / "report.md").read_text()
     result = json.loads((run_dir / "result.json").read_text())
     # tokens/s of this session: the 9 resumed steps' tokens, not the 12 steps' (it read 33% fast)
     assert result["tokens_per_s"] * result["train_seconds"] == pytest.approx(seen(12) - at_3)
@@ -140,3 +143,17 @@ def test_ctrl_c_in_the_last_step(tmp_path, tiny_llama, tiny_data, monkeypatch, c
     assert said in " ".join(capsys.readouterr().err.split())
     assert (run_dir / "result.json").is_file() == (times == 1) and not (run_dir / "eval.json").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_steps_after_the_checkpoint_are_logged_once_when_trained_again(tmp_path, tiny_llama, tiny_data, monkeypatch):
+    """Stopped at once in step 8: steps 7 were logged but not checkpointed (checkpoint-6). Resumed, step 7 is
+    trained again; metrics.jsonl held two step-7 rows, and the loss curve a step back in time."""
+    path, run_dir = write_recipe(tmp_path, tiny_llama, tiny_data)
+    ctrl_c_during_step(monkeypatch, 8, times=2)
+    assert main(["run", str(path)]) == 130
+    assert logged_steps(run_dir) == list(range(1, 8))
+    monkeypatch.undo()
+    assert main(["run", str(path), "--resume"]) == 0
+    assert logged_steps(run_dir) == list(range(1, 13))
+    memory_steps = [json.loads(line)["step"] for line in (run_dir / "memory.jsonl").read_text().splitlines()]
+    assert memory_steps == sorted(memory_steps)  # the resumed run samples again at its first step, 6: not back
