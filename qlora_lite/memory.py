@@ -190,7 +190,8 @@ def cache_dir() -> Path:
 
 def recipe_arch(recipe: Recipe) -> Arch:
     """`analyze` of the recipe's model and method, cached in cache_dir()/plan: building the skeleton needs torch,
-    transformers and peft (seconds to import), and a GGUF config seconds more to parse; a cache hit needs none."""
+    transformers and peft (seconds to import), and a GGUF config seconds more to parse; a cache hit needs none.
+    The recipe's sequence lengths are checked against the model's positions here, where the skeleton is known."""
     key = arch_key(recipe)
     arch = _read_arch(_arch_path(key)) if key is not None else None
     if arch is None:
@@ -242,13 +243,10 @@ def config_identity(model: ModelRecipe) -> str | None:
     hub cache), or a GGUF file's path, size and mtime (parsing it is the slow part). None when it is not on disk."""
     try:
         source = model_source(model.name)
+        if model.gguf_file is not None:
+            return f"gguf:{file_identity(gguf_path(model))}"
     except UserError:  # load_model_config raises it again, on the slow path
         return None
-    if model.gguf_file is not None:
-        gguf = Path(source) / model.gguf_file
-        if not gguf.is_file():
-            return None
-        return f"gguf:{file_identity(gguf)}"
     config = Path(source) / "config.json" if Path(source).is_dir() else _hub_config(source)
     try:
         return hashlib.sha256(config.read_bytes()).hexdigest() if config else None

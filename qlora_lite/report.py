@@ -154,7 +154,7 @@ def training_section(run_dir: Path) -> list[str]:
                xlabel="step", ylabel="loss")
     if not (run_dir / "result.json").is_file():  # written when training completes
         note += [f"**Training has not finished**: the last logged step is {steps[-1][0]}; the recipe's schedule "
-                 f"below is what it was meant to train (continue it with `run RECIPE --resume`).", ""]
+                 f"above is what it was meant to train (continue it with `run RECIPE --resume`).", ""]
     return [*note, f"Loss {steps[0][1]:.4f} at step {steps[0][0]}, {steps[-1][1]:.4f} at step {steps[-1][0]}.", "",
             "![training loss](loss.png)"]
 

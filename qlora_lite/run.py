@@ -222,8 +222,7 @@ def check_run_dir(recipe: Recipe, resume: bool) -> None:
             f"--resume: the recipe differs from the run in {run_dir} ({'; '.join(changed)}); a checkpoint only "
             f"continues the same model, data and adapter. Use a new name to start over"
         )
-    check_checkpoint(last)
-    done = json.loads((last / "trainer_state.json").read_text())["global_step"]
+    done = check_checkpoint(last)
     for log in ("metrics.jsonl", "memory.jsonl"):  # steps after the checkpoint are trained again: logged again
         report.keep_jsonl_rows(run_dir / log, lambda row: row.get("step", 0) <= done)
     if recipe.train.max_steps is not None and done >= recipe.train.max_steps:
@@ -233,15 +232,15 @@ def check_run_dir(recipe: Recipe, resume: bool) -> None:
         )
 
 
-def check_checkpoint(checkpoint: Path) -> None:
-    """A checkpoint --resume can load (a crash or a full disk during its save leaves one that is not): the trainer
-    state, the weights and, as the Trainer loads them, the optimizer and scheduler states; else the command that
-    removes it so the one before it is used."""
+def check_checkpoint(checkpoint: Path) -> int:
+    """The step of a checkpoint --resume can load (a crash or a full disk during its save leaves one that is not):
+    the trainer state, the weights and, as the Trainer loads them, the optimizer and scheduler states; else an
+    error with the command that removes it so the one before it is used."""
     import torch
 
     path = checkpoint / "trainer_state.json"
     try:
-        json.loads(path.read_bytes())["global_step"]
+        step = json.loads(path.read_bytes())["global_step"]
         for path in sorted(checkpoint.glob("*.json")) + sorted(checkpoint.glob("*.safetensors")):
             evaluate.read_saved_file(path)
         for path in (checkpoint / "optimizer.pt", checkpoint / "scheduler.pt"):
@@ -249,14 +248,13 @@ def check_checkpoint(checkpoint: Path) -> None:
                 torch.load(path, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError:
                 raise ValueError("not a PyTorch file that loads") from None
+        return step
     except Exception as e:  # noqa: BLE001 -- OSError, JSON, safetensors and unpickling errors alike
-        found = sorted(checkpoint.parent.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        earlier = [p for p in found if p != checkpoint]
+        earlier = [p for p in train_stage.checkpoints(checkpoint.parent.parent) if p != checkpoint]
         fix = (f"remove it to continue from {earlier[-1].name}: rm -r {checkpoint}" if earlier else
                "it is the only checkpoint: start again under a new name (--set name=NEW_NAME)")
         raise UserError(f"--resume: the last checkpoint {checkpoint} cannot be loaded ({path.name}: "
-                        f"{error_line(e)}); {fix}") \
-            from None
+                        f"{error_line(e)}); {fix}") from None
 
 
 def interrupted_message(recipe: Recipe) -> str:

@@ -283,8 +283,13 @@ def save_trained(loaded: LoadedModel, out_dir: Path) -> None:
     loaded.tokenizer.save_pretrained(out_dir)
 
 
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, oldest step first."""
+    return sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+
+
 def last_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    found = checkpoints(run_dir)
     return found[-1] if found else None
 
 
