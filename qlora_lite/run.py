@@ -246,8 +246,8 @@ def check_checkpoint(checkpoint: Path) -> int:
         for path in (checkpoint / "optimizer.pt", checkpoint / "scheduler.pt"):
             try:
                 torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError:
-                raise ValueError("not a PyTorch file that loads") from None
+            except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError):  # torch's errors on a bad file
+                raise ValueError("not a PyTorch file that loads") from None  # (theirs suggest weights_only=False)
         return step
     except Exception as e:  # noqa: BLE001 -- OSError, JSON, safetensors and unpickling errors alike
         earlier = [p for p in train_stage.checkpoints(checkpoint.parent.parent) if p != checkpoint]

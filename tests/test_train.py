@@ -299,17 +299,19 @@ def test_resume_with_a_new_learning_rate_trains_at_it_and_exports_again(tmp_path
     assert json.loads((result.run_dir / "result.json").read_text())["learning_rate"] == 1e-3
 
 
-@pytest.mark.parametrize("damage", ["optimizer.pt", "adapter_model.safetensors", "trainer_state.json"])
+@pytest.mark.parametrize("damage", ["optimizer.pt", "scheduler.pt", "adapter_model.safetensors", "trainer_state.json"])
 def test_resume_names_a_damaged_last_checkpoint_and_the_one_before_it(tmp_path, tiny_llama, tiny_data, damage):
     """A save cut short (a crash, a full disk) left a checkpoint the Trainer failed on with a traceback."""
     recipe = make_recipe(tmp_path, tiny_llama, tiny_data)  # checkpoints 6 and 12
     run(recipe)
     last = recipe.run_dir / "checkpoints" / "checkpoint-12"
-    (last / damage).write_bytes(b"garbage")
+    (last / damage).write_bytes(b"junk\n")
     longer = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=["train.max_steps=14"])
     with pytest.raises(UserError, match=rf"checkpoint-12 cannot be loaded \({damage}: .*remove it to continue from "
-                                        rf"checkpoint-6: rm -r {last}$"):
+                                        rf"checkpoint-6: rm -r {last}$") as e:
         run(longer, resume=True)
+    if damage.endswith(".pt"):  # torch's own errors read "KeyError: 174812789" or suggested weights_only=False
+        assert f"({damage}: ValueError: not a PyTorch file that loads)" in str(e.value)
     import shutil
 
     shutil.rmtree(last)
