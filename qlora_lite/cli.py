@@ -1,4 +1,6 @@
 """The command line: parse, call one stage function, render its result with rich. The only module that prints.
+Modules that import torch (run, evaluate, export, compare) are imported by the command that needs them, so `plan`
+and a recipe error answer in a fraction of a second.
 
 User errors (recipe, data, model name, run directory, budget) print one message and exit with their code
 (2, or 3 for budgets); anything else is a bug and keeps its traceback (shown in full with --debug).
@@ -7,6 +9,7 @@ User errors (recipe, data, model name, run directory, budget) print one message 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import socket
@@ -18,10 +21,13 @@ from urllib.parse import urlparse
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.syntax import Syntax
 from rich.table import Table
 
+from qlora_lite import events, memory
 from qlora_lite.errors import Interrupted, UserError
+from qlora_lite.recipe import load_recipe, parse_methods
+from qlora_lite.report import write_report
+from qlora_lite.rundir import MERGE_CHECK, compare_dir, comparison_files, interrupted_message
 
 console = Console()
 err_console = Console(stderr=True)
@@ -38,7 +44,9 @@ def quiet_libraries(debug: bool) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")  # transformers' progress bars follow HF_HUB_DISABLE_PROGRESS_BARS: no import here
-    for name in ("bitsandbytes", "transformers", "datasets", "peft", "trl", "accelerate", "torch", "huggingface_hub"):
+    warnings.filterwarnings("default", module="qlora_lite")  # ours, or a library's about how we call it: a bug to see
+    for name in ("bitsandbytes", "transformers", "datasets", "peft", "trl", "accelerate", "torch", "huggingface_hub",
+                 "kernels"):  # kernels: bitsandbytes' kernel hub, which warns about its trust check when offline
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -119,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into a non-empty --out (other files are kept)")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("report", help="write report.md (recipe, loss curve, ROUGE chart, memory, samples)")
+    p = sub.add_parser("report", help="write the run's report (recipe, loss curve, ROUGE chart, memory, samples)")
     p.add_argument("run_dir", help="a run directory, e.g. runs/quickstart")
     p.set_defaults(func=cmd_report)
 
@@ -167,8 +175,6 @@ def cmd_merge(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from qlora_lite.report import write_report
-
     console.print(f"wrote {write_report(args.run_dir)}")
     return 0
 
@@ -176,7 +182,8 @@ def cmd_report(args) -> int:
 def eval_table(result) -> Table:
     cut = f" ({result.prompts_truncated} prompts cut to fit train.max_length)" if result.prompts_truncated else ""
     table = Table(title=f"{result.split} split, {result.n} examples{cut}, greedy, max_new_tokens "
-                        f"{result.max_new_tokens}; scores in % (eval.json: fractions)", title_justify="left")
+                        f"{result.max_new_tokens}; scores in % ({result.eval_json.name}: fractions)",
+                  title_justify="left")
     for col in ("metric", "base", "tuned", "change"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for metric, base in result.base.items():
@@ -196,21 +203,14 @@ def render_merge(result) -> None:
     console.print(
         f"merged ({result.base} base, {result.dtype}) into [bold]{result.out_dir}[/]: {verdict} {check.reference}: "
         f"max |diff| {check.max_abs_diff:.2e} = {check.relative_diff:.2e} of the logit scale "
-        f"(tolerance {check.tolerance:g}); details in merge_check.json"
+        f"(tolerance {check.tolerance:g}); details in {result.out_dir / MERGE_CHECK}"
     )
 
 
 def cmd_plan(args) -> int:
     """Exit 0 when the recipe fits its budget (or has none), 3 when it does not."""
-    import json
-
-    from qlora_lite import memory
-    from qlora_lite.recipe import load_recipe
-
     recipe = load_recipe(args.recipe, args.overrides)
     if args.method is not None:
-        from qlora_lite.recipe import parse_methods
-
         return plan_methods(recipe, parse_methods(args.method, "--method"), args.json)
     arch = memory.recipe_arch(recipe)  # cached: a repeated plan imports no torch
     plan = memory.plan_from_arch(recipe, arch)
@@ -227,10 +227,6 @@ def cmd_plan(args) -> int:
 
 def plan_methods(recipe, methods: list[str], as_json: bool) -> int:
     """One plan per method (one method: the usual table); exit 3 when none of them fits."""
-    import json
-
-    from qlora_lite import memory
-
     recipes = {kind: recipe.with_method(kind) for kind in methods}
     plans = {kind: memory.plan_from_arch(r, memory.recipe_arch(r)) for kind, r in recipes.items()}
     if as_json:
@@ -271,8 +267,7 @@ def count(n: int) -> str:
 
 
 def cmd_compare(args) -> int:
-    from qlora_lite.compare import compare, compare_dir, table_rows
-    from qlora_lite.recipe import load_recipe, parse_methods
+    from qlora_lite.compare import compare, table_rows
 
     recipe = load_recipe(args.recipe, args.overrides)
     methods = parse_methods(args.methods)
@@ -288,7 +283,8 @@ def cmd_compare(args) -> int:
     console.print(table)
     for kind, reason in result["refused"].items():
         console.print(f"[yellow]{kind} did not run[/]: {escape(reason)}")
-    console.print(f"comparison.json, comparison.md and comparison.png in [bold]{compare_dir(recipe)}[/]")
+    names = [p.name for p in comparison_files(compare_dir(recipe))]
+    console.print(f"{', '.join(names[:-1])} and {names[-1]} in [bold]{compare_dir(recipe)}[/]")
     return 0 if result["methods"] else 3
 
 
@@ -310,10 +306,8 @@ def plan_table(plan, name: str) -> Table:
 
 
 def cmd_run(args) -> int:
-    from qlora_lite.recipe import load_recipe
-
     recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: a recipe error answers at once
-    from qlora_lite.run import interrupted_message, run
+    from qlora_lite.run import run
 
     with TrainingView() as view:
         try:
@@ -328,9 +322,11 @@ def cmd_run(args) -> int:
 
 
 class TrainingView:
-    """Renders `run`'s events: the resolved recipe and setup before training, a live bar during, a table after."""
+    """Renders the events of `run` and `compare` (events.py): the settings and the plan before training, a live bar
+    in a terminal or one plain line per logged step elsewhere (nohup, a job scheduler, `| tee`), tables after."""
 
     def __init__(self):
+        self.live = console.is_terminal
         self.progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
@@ -342,6 +338,8 @@ class TrainingView:
             console=console,
         )
         self.task = None
+        self.first_step = 0  # a resumed run starts at its checkpoint's step: the ETA counts from there
+        self.memory = ""  # the latest memory sample, shown with the next logged step
 
     def __enter__(self):
         return self
@@ -349,95 +347,75 @@ class TrainingView:
     def __exit__(self, *exc):
         self.progress.stop()
 
-    def notify(self, event: str, payload) -> None:
-        getattr(self, f"on_{event}", lambda p: None)(payload)
+    def say(self, text: str) -> None:
+        """A line above the live bar (or a plain line)."""
+        self.progress.console.print(text, highlight=False)
 
-    def on_recipe(self, p):
-        console.rule(f"run directory {p['run_dir']}")
-        console.print(Syntax(p["toml"], "toml", theme="ansi_dark", background_color="default"))
+    def notify(self, event: events.Event) -> None:
+        match event:
+            case events.RecipeResolved(run_dir, recipe_file, changed):
+                console.rule(f"run directory {run_dir}")
+                console.print(f"settings that differ from the defaults (every setting: {recipe_file}):",
+                              highlight=False, soft_wrap=True)
+                for line in changed:
+                    console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
+            case events.Planned(plan):
+                console.print(plan_table(plan, "predicted for a CUDA GPU"))
+            case events.AutoFitted(change):
+                console.print(f"[yellow]auto_fit[/]: {escape(change)}")
+            case events.SetUp():
+                console.print(setup_table(event))
+            case events.TrainingStarted(step, max_steps):
+                self.first_step = step
+                if self.live:
+                    self.progress.start()
+                    self.task = self.progress.add_task("train", total=max_steps, completed=step, stats="")
+            case events.StepDone(step, _) if self.task is not None:
+                self.progress.update(self.task, completed=step)
+            case events.MemorySampled(_, gib, on_gpu) if gib is not None:
+                self.memory = f"{'GPU' if on_gpu else 'RSS'} {gib:.2f} GiB"
+            case events.StepLogged():
+                self.step_logged(event)
+            case events.StopRequested():
+                self.say("[yellow]Ctrl-C[/]: stopping after this step with a checkpoint "
+                         "(press Ctrl-C again to stop at once)")
+            case events.BudgetCrossed(step, used, budget, stopping):
+                self.say(f"[bold red]memory budget crossed[/] at step {step}: {used:.2f} GiB > {budget:g} GiB "
+                         f"({'stopping' if stopping else 'warning only'})")
+            case events.Trained(result):
+                self.trained(result)
+            case events.Evaluating():
+                console.print("evaluating base vs tuned (greedy generation)...")
+            case events.Evaluated(result):
+                console.print(eval_table(result))
+            case events.Merging(dtype, base):
+                console.print(f"merging the adapter into the {base} base ({dtype})...")
+            case events.Merged(result):
+                render_merge(result)
+            case events.MergeSkipped(reason):
+                console.print(f"[yellow]merge skipped[/]: {escape(reason)}")
+            case events.MethodStarted(method, learning_rate, _):
+                console.rule(f"[bold]method {method}[/] (learning rate {learning_rate:g})")
+            case events.MethodKept(method, run_dir):
+                console.print(f"method {method}: finished earlier in {run_dir}, kept")
+            case events.MethodRefused(method, reason):
+                console.print(f"[yellow]method {method} did not run[/]: {escape(reason)}")
 
-    def on_plan(self, plan):
-        console.print(plan_table(plan, "predicted for a CUDA GPU"))
-
-    def on_auto_fit(self, change):
-        console.print(f"[yellow]auto_fit[/]: {escape(change)}")
-
-    def on_budget_exceeded(self, p):
-        self.progress.console.print(
-            f"[bold red]memory budget crossed[/] at step {p['step']}: {p['used_gib']:.2f} GiB > "
-            f"{p['budget_gib']:g} GiB ({'stopping' if p['action'] == 'stop' else 'warning only'})"
-        )
-
-    def on_evaluating(self, p):
-        console.print("evaluating base vs tuned (greedy generation)...")
-
-    def on_evaluated(self, result):
-        console.print(eval_table(result))
-
-    def on_merging(self, p):
-        console.print(f"merging the adapter into the {p['base']} base ({p['dtype']})...")
-
-    def on_merged(self, result):
-        render_merge(result)
-
-    def on_merge_skipped(self, reason):
-        console.print(f"[yellow]merge skipped[/]: {escape(reason)}")
-
-    def on_setup(self, p):
-        stats = p["data"]
-        table = Table(title="setup", show_header=False, title_justify="left")
-        table.add_row("model", f"{p['kind']} on {p['device']}, compute {p['compute_dtype']}, optimizer {p['optimizer']}")
-        table.add_row("method", p["method"])
-        table.add_row(
-            "parameters",
-            f"{p['trainable_params']:,} trainable of {p['total_params']:,} "
-            f"({100 * p['trainable_params'] / p['total_params']:.2f}%)",
-        )
-        table.add_row(
-            "data",
-            f"{stats.rows} training rows; dropped {stats.dropped_empty} empty, {stats.dropped_too_long} too long; "
-            f"{stats.truncated_prompts} prompts truncated; longest prompt {stats.prompt_tokens_max} tokens, "
-            f"target {stats.target_tokens_max}",
-        )
-        table.add_row(
-            "schedule",
-            f"{p['steps']} steps x effective batch {p['effective_batch']} = {p['epochs']:.2f} epochs, "
-            f"~{p['tokens_per_step']:,.0f} tokens per step",
-        )
-        held = p["held_out"]
-        if held:
-            leak = (f"; [bold yellow]{held['in_train']} of them also in the training data[/]: their scores measure "
-                    f"memory, not generalization" if held["in_train"] else "")
-            table.add_row("held out", f"{held['rows']} rows of the {held['split']} split for base vs tuned{leak}")
-        for note in p["not_measured"]:
-            table.add_row("not measured", note)
-        console.print(table)
-
-    def on_progress(self, p):
-        if p.get("event") == "interrupt":
-            self.progress.console.print("[yellow]Ctrl-C[/]: stopping after this step with a checkpoint "
-                                        "(press Ctrl-C again to stop at once)")
+    def step_logged(self, e: events.StepLogged) -> None:
+        parts = [] if e.loss is None else [f"loss {e.loss:.4f}"]
+        parts += [] if e.eval_loss is None else [f"eval loss {e.eval_loss:.4f}"]
+        parts += [] if e.learning_rate is None else [f"lr {e.learning_rate:.2e}"]
+        parts += [f"{e.tokens_per_s:,.0f} tok/s"] + ([self.memory] if self.memory else [])
+        if self.live:
+            if self.task is not None:
+                self.progress.update(self.task, completed=e.step, stats="  ".join(parts))
             return
-        if self.task is None:
-            self.progress.start()
-            self.task = self.progress.add_task("train", total=p.get("max_steps"), stats="")
-        fields = {"completed": p.get("step", 0)}
-        if p.get("event") == "log" and "loss" in p:
-            fields["stats"] = (
-                f"loss {p['loss']:.4f}  lr {p.get('learning_rate', 0):.2e}  {p.get('tokens_per_s', 0):,.0f} tok/s"
-            )
-        self.progress.update(self.task, **fields)
+        done = e.step - self.first_step
+        eta = e.elapsed_s / done * (e.max_steps - e.step) if done > 0 else None
+        parts.append(f"ETA {clock(eta)}" if eta is not None else "ETA -")
+        console.print(f"step {e.step}/{e.max_steps}  " + "  ".join(parts), highlight=False)
 
-    def on_method(self, p):
-        console.rule(f"[bold]method {p['method']}[/] (learning rate {p['learning_rate']:g})")
-
-    def on_method_skipped(self, p):
-        console.print(f"method {p['method']}: finished earlier in {p['run_dir']}, kept")
-
-    def on_method_refused(self, p):
-        console.print(f"[yellow]method {p['method']} did not run[/]: {escape(p['reason'])}")
-
-    def on_trained(self, result):
+    def trained(self, result) -> None:
         self.progress.stop()
         if self.task is not None:  # compare trains several times: a fresh bar for the next one
             self.progress.remove_task(self.task)
@@ -452,6 +430,38 @@ class TrainingView:
             f"{result.train_seconds:.0f} s", f"{result.tokens_per_s:,.0f}",
         )
         console.print(table)
+
+
+def clock(seconds: float) -> str:
+    """1:02:03 / 4:05: a duration as a person reads it."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def setup_table(p: events.SetUp) -> Table:
+    stats = p.data
+    table = Table(title="setup", show_header=False, title_justify="left")
+    table.add_row("model", f"{p.trainer} on {p.device}, compute {p.compute_dtype}, optimizer {p.optimizer}")
+    table.add_row("method", p.method)
+    table.add_row("parameters", f"{p.trainable_params:,} trainable of {p.total_params:,} "
+                                f"({100 * p.trainable_params / p.total_params:.2f}%)")
+    table.add_row(
+        "data",
+        f"{stats.rows} training rows; dropped {stats.dropped_empty} empty, {stats.dropped_too_long} too long; "
+        f"{stats.truncated_prompts} prompts truncated; longest prompt {stats.prompt_tokens_max} tokens, "
+        f"target {stats.target_tokens_max}",
+    )
+    table.add_row("schedule", f"{p.steps} steps x effective batch {p.effective_batch} = {p.epochs:.2f} epochs, "
+                              f"~{p.tokens_per_step:,.0f} tokens per step")
+    held = p.held_out
+    if held:
+        leak = (f"; [bold yellow]{held.in_train} of them also in the training data[/]: their scores measure "
+                f"memory, not generalization" if held.in_train else "")
+        table.add_row("held out", f"{held.rows} rows of the {held.split} split for base vs tuned{leak}")
+    for note in p.not_measured:
+        table.add_row("not measured", note)
+    return table
 
 
 if __name__ == "__main__":

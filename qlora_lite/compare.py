@@ -1,13 +1,13 @@
 """Compare fine-tuning methods on one recipe: the same data, seed, steps and evaluation, one run per method.
 
-`compare(recipe, methods)` runs `run.run` once per method into <output.dir>/<name>-compare/<method>/ and then
-summarizes those run directories from their files alone (result.json, memory_report.json, eval.json and the
-saved weights), so a comparison can be continued (`resume`) or re-rendered without training again. Outputs:
-comparison.json, comparison.md and comparison.png beside the runs.
+`compare(recipe, methods)` runs `run.run` once per method into its own run directory under
+rundir.compare_dir and then summarizes those run directories from their files alone (the training result, the
+memory report, the evaluation and the saved weights), so a comparison can be continued (`resume`) or re-rendered
+without training again. Outputs: the comparison as JSON, Markdown and a chart beside the runs.
 
 Only the learning rate differs between methods, because one rate cannot suit all: full fine-tuning diverges at a
-LoRA rate and prompt tuning barely moves at it. Each method trains at the recipe's rate times LR_SCALE, which
-follows common practice (LoRA 1e-4..6e-4, full fine-tuning ~10x lower, prompt tuning 1e-2..3e-1).
+LoRA rate and prompt tuning barely moves at it. Each method trains at the recipe's rate times its `lr_scale` in
+methods.METHODS.
 """
 
 from __future__ import annotations
@@ -15,20 +15,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Callable
 
+from qlora_lite import evaluate, events
 from qlora_lite import run as run_stage
-from qlora_lite import train as train_stage
 from qlora_lite.errors import BudgetError, Interrupted, UserError, error_line
+from qlora_lite.methods import METHODS
 from qlora_lite.recipe import Recipe
-from qlora_lite.report import read_eval_json, read_json
+from qlora_lite.rundir import RunDir, compare_dir, comparison_files, read_eval_json, read_json
 
-LR_SCALE = {"qlora": 1.0, "lora": 1.0, "full": 0.1, "prompt_tuning": 50.0}
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-
-
-def compare_dir(recipe: Recipe) -> Path:
-    return Path(recipe.output.dir) / f"{recipe.name}-compare"
 
 
 def method_recipe(recipe: Recipe, kind: str) -> Recipe:
@@ -37,14 +32,14 @@ def method_recipe(recipe: Recipe, kind: str) -> Recipe:
     return dataclasses.replace(
         recipe.with_method(kind),
         name=kind,
-        train=dataclasses.replace(recipe.train, learning_rate=recipe.train.learning_rate * LR_SCALE[kind]),
+        train=dataclasses.replace(recipe.train, learning_rate=recipe.train.learning_rate * METHODS[kind].lr_scale),
         export=dataclasses.replace(recipe.export, merge=False),
         output=dataclasses.replace(recipe.output, dir=str(compare_dir(recipe))),
     )
 
 
 def compare(recipe: Recipe, methods: list[str], *, resume: bool = False,
-            notify: Callable[[str, object], None] = lambda e, p: None) -> dict:
+            notify: events.Notify = events.ignore) -> dict:
     """Run each method (skipping, with `resume`, those already finished) and write the comparison files."""
     out = compare_dir(recipe)
     if out.exists() and not resume:
@@ -54,8 +49,8 @@ def compare(recipe: Recipe, methods: list[str], *, resume: bool = False,
         raise UserError("compare scores each method with ROUGE: set [eval] enabled = true")
     for kind in methods:  # every method kept or continued must share the data, steps and evaluation
         sub = method_recipe(recipe, kind)
-        if (sub.run_dir / "recipe.toml").is_file():
-            changed = run_stage.changed_settings(sub, (*run_stage.FROZEN_ON_RESUME, "train", "eval"))
+        if RunDir(sub.run_dir).is_run():
+            changed = run_stage.changed_since(sub, (*run_stage.FROZEN_ON_RESUME, "train", "eval"))
             if changed:
                 raise UserError(f"--resume: the {kind} run in {sub.run_dir} used other settings "
                                 f"({'; '.join(changed)}); its results would not compare with the others. Compare "
@@ -63,18 +58,19 @@ def compare(recipe: Recipe, methods: list[str], *, resume: bool = False,
     refused = {}
     for kind in methods:
         sub = method_recipe(recipe, kind)
-        if trained(sub.run_dir) and (sub.run_dir / "eval.json").is_file():
-            notify("method_skipped", {"method": kind, "run_dir": sub.run_dir})
+        rd = RunDir(sub.run_dir)
+        if rd.training_finished() and rd.eval_json().is_file():
+            notify(events.MethodKept(kind, rd.path))
             continue
-        notify("method", {"method": kind, "learning_rate": sub.train.learning_rate, "run_dir": sub.run_dir})
+        notify(events.MethodStarted(kind, sub.train.learning_rate, rd.path))
         try:
-            if trained(sub.run_dir):  # stopped (Ctrl-C, a crash) between training and its evaluation
-                evaluate_trained(sub.run_dir, notify)
+            if rd.training_finished():  # stopped (Ctrl-C, a crash) between training and its evaluation
+                evaluate_trained(rd.path, notify)
             else:  # a started run continues from its last checkpoint, or starts over in place without one
-                run_stage.run(sub, resume=(sub.run_dir / "recipe.toml").is_file(), notify=notify)
+                run_stage.run(sub, resume=rd.is_run(), notify=notify)
         except BudgetError as e:  # e.g. full fine-tuning over the budget: that is a result, not a failure
             refused[kind] = str(e)
-            notify("method_refused", {"method": kind, "reason": str(e)})
+            notify(events.MethodRefused(kind, str(e)))
         except (KeyboardInterrupt, Interrupted):
             raise Interrupted(f"during the {kind} run ({sub.run_dir}); what finished is kept: continue the comparison "
                               f"with the same command and --resume") from None
@@ -87,24 +83,18 @@ def compare(recipe: Recipe, methods: list[str], *, resume: bool = False,
     return comparison
 
 
-def trained(run_dir: Path) -> bool:
-    """Training finished: result.json is written once it has (and removed when a resumed run trains further)."""
-    return (run_dir / "result.json").is_file()
-
-
-def evaluate_trained(run_dir: Path, notify) -> None:
-    from qlora_lite import evaluate
-
+def evaluate_trained(run_dir: Path, notify: events.Notify) -> None:
     recipe, loaded = evaluate.load_run(run_dir)
-    notify("evaluating", {"max_samples": recipe.eval.max_samples})
-    notify("evaluated", evaluate.evaluate_run(loaded, recipe, run_dir))
+    notify(events.Evaluating(recipe.eval.max_samples))
+    notify(events.Evaluated(evaluate.evaluate_run(loaded, recipe, run_dir)))
 
 
 def summarize(run_dir: Path) -> dict:
     """One method's row, read from its run directory."""
-    result = read_run_file(run_dir / "result.json")
-    memory = read_run_file(run_dir / "memory_report.json")
-    evaluation = read_run_file(run_dir / "eval.json", read_eval_json)
+    rd = RunDir(run_dir)
+    result = read_run_file(rd.result)
+    memory = read_run_file(rd.memory_report)
+    evaluation = read_run_file(rd.eval_json(), read_eval_json)
     measured = memory["measured"]
     forgetting = evaluation.get("forgetting") or {}
     return {
@@ -138,7 +128,8 @@ def read_run_file(path: Path, reader=read_json) -> dict:
     try:
         return reader(path)
     except (OSError, ValueError) as e:
-        again = (f"evaluate again with python -m qlora_lite eval {path.parent}" if path.name == "eval.json" else
+        again = (f"evaluate again with python -m qlora_lite eval {path.parent}"
+                 if path == RunDir(path.parent).eval_json() else
                  "training writes it: compare under a new name (--set name=NEW_NAME) to train this method again")
         raise UserError(f"{path}: cannot read it ({error_line(e)}); {again}") from None
 
@@ -153,10 +144,10 @@ def stored_bytes(folder: Path) -> int:
 
 def write_comparison(out: Path, comparison: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
-    png = out / "comparison.png"
+    as_json, as_md, png = comparison_files(out)
+    as_json.write_text(json.dumps(comparison, indent=2) + "\n")
     plot_comparison(png, comparison["methods"])
-    (out / "comparison.md").write_text(markdown(comparison, png.name))
+    as_md.write_text(markdown(comparison, png.name))
 
 
 def table_rows(methods: dict) -> tuple[list[str], list[list[str]]]:
@@ -182,7 +173,7 @@ def markdown(comparison: dict, png: str) -> str:
     lines = [
         f"# Method comparison: {comparison['recipe']}", "",
         "Same data, seed, steps and evaluation for every method; learning rate = the recipe's x "
-        + ", ".join(f"{k} {LR_SCALE[k]:g}" for k in comparison["methods"]) + ". "
+        + ", ".join(f"{k} {METHODS[k].lr_scale:g}" for k in comparison["methods"]) + ". "
         "Peak predicted: the planner's figure for a CUDA GPU. Peak measured: the GPU's, or the process RSS when "
         "trained on CPU (not comparable with a GPU figure). ROUGE in percent on the tuned model; "
         "forgetting: change in perplexity on general text (needs [eval] forgetting).", "",

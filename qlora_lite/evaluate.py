@@ -1,7 +1,7 @@
 """Stage 5: base vs tuned on the held-out split, and optionally how much general language modelling was lost.
 
 Inputs: a loaded model (the one just trained, or `load_run(run_dir)`), its recipe and run directory.
-Outputs: an `EvalResult`, run_dir/eval.json and run_dir/samples.md. The base model is the same PEFT model inside
+Outputs: an `EvalResult`, the run's eval.json and samples.md. The base model is the same PEFT model inside
 `disable_adapter()` (for full fine-tuning, which changed the weights themselves, the base is loaded again), so
 both go through one `generate` call with identical prompt tokens (data.encode_prompt, as in training) and
 settings: greedy, KV cache on, an explicit max_new_tokens, stop at EOS.
@@ -17,23 +17,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import json
 import logging
 import math
 import re
-import shlex
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from qlora_lite import data as data_stage
 from qlora_lite import model as model_stage
 from qlora_lite.errors import BudgetError, UserError, error_line
-from qlora_lite.recipe import DATA_FILE_SUFFIXES, Recipe, load_recipe
+from qlora_lite.recipe import DATA_FILE_SUFFIXES, Recipe
+from qlora_lite.rundir import RunDir, read_run
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +42,6 @@ SENTENCE_SPLIT_NOTE = (
 )
 FORGETTING_CHUNKS = 16  # text windows scored per model: seconds, not an epoch
 FORGETTING_CHUNK_TOKENS = 512  # at most; train.max_length when shorter
-SAVED_CONFIGS = (("adapter", "adapter_config.json"), ("model", "config.json"))  # what a trained run saved
-CHECKPOINT_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
-                    "README.md")  # in a checkpoint besides the weights: only --resume needs them
 
 
 @dataclass(frozen=True)
@@ -82,115 +77,19 @@ class EvalResult:
 
 def load_run(run_dir: str | Path) -> tuple[Recipe, model_stage.LoadedModel]:
     """The run's recipe and its model as trained: the base loaded as training loaded it (4-bit for qlora) with
-    the saved adapter on top, or the fully fine-tuned model from run_dir/model."""
+    the saved adapter on top, or the fully fine-tuned model the run saved."""
     from peft import PeftModel
 
-    run_dir = Path(run_dir)
-    recipe = read_run(run_dir)
+    rd = RunDir(Path(run_dir))
+    recipe = read_run(rd.path)
+    saved = rd.saved_dir(recipe.has_adapter)
     if not recipe.has_adapter:
-        model = dataclasses.replace(recipe.model, name=str(run_dir / "model"), gguf_file=None)
+        model = dataclasses.replace(recipe.model, name=str(saved), gguf_file=None)
         return recipe, model_stage.load_model(model, recipe.quantization, recipe.train, recipe.method)
-    adapter_dir = run_dir / "adapter"
     loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train, recipe.method)
-    loaded.tokenizer = model_stage.load_tokenizer(str(adapter_dir), recipe.model.trust_remote_code)
-    loaded.model = PeftModel.from_pretrained(loaded.model, adapter_dir)
+    loaded.tokenizer = model_stage.load_tokenizer(str(saved), recipe.model.trust_remote_code)
+    loaded.model = PeftModel.from_pretrained(loaded.model, saved)
     return recipe, loaded
-
-
-def read_run(run_dir: Path) -> Recipe:
-    """The recipe of a run that has saved what it trained, its saved files readable; a clear error for anything
-    else (eval and merge would otherwise fail deep inside transformers or PEFT)."""
-    if not (run_dir / "recipe.toml").is_file():
-        raise UserError(f"{run_dir} is not a run directory (no recipe.toml); give <output.dir>/<name> of a run")
-    saved = next((run_dir / d for d, f in SAVED_CONFIGS if (run_dir / d / f).is_file()), None)
-    if saved is None:
-        raise UserError(no_weights_message(run_dir))
-    check_saved_files(run_dir, saved)
-    return load_recipe(run_dir / "recipe.toml", files_must_exist=False)
-
-
-def no_weights_message(run_dir: Path) -> str:
-    """Why a run has nothing to load, and the way on: its last checkpoint's copy of the weights (a run stopped
-    between that checkpoint and the final save, or whose adapter/ was deleted), else finishing the run."""
-    last = last_checkpoint(run_dir)
-    if last is None:
-        return (f"{run_dir} has no trained weights yet (no adapter/ or model/); finish the run, "
-                f"or continue it with --resume")
-    saved = run_dir / ("adapter" if (last / "adapter_config.json").is_file() else "model")
-    step = last.name.split("-")[-1]
-    message = (f"{run_dir} has no trained weights in {saved.name}/ (deleted, or the run stopped before saving them), "
-               f"but its last checkpoint {last} has those of step {step}: copy them there with "
-               f"`{copy_command(last, saved)}`")
-    return message + (", or continue training with --resume" if stopped_early(last) else "")
-
-
-def check_saved_files(run_dir: Path, saved: Path) -> None:
-    """Read every JSON file and weights header training saved, so a damaged one is named with the way to restore
-    it; a few milliseconds (safetensors reads headers only)."""
-    for path in saved_files(saved):
-        try:
-            read_saved_file(path)
-        except FileNotFoundError:
-            raise UserError(f"{path} is missing: {restore_hint(run_dir, saved)}") from None
-        except (OSError, ValueError, SafetensorError) as e:
-            raise UserError(f"{path} cannot be read ({error_line(e)}); it may be damaged: "
-                            f"{restore_hint(run_dir, saved)}") from None
-
-
-def saved_files(saved: Path):
-    """The JSON files first (configs, tokenizer, the shard index), then the weights files."""
-    yield from sorted(saved.glob("*.json"))
-    index = saved / "model.safetensors.index.json"
-    if saved.name == "adapter":
-        yield saved / "adapter_model.safetensors"
-    elif index.is_file():
-        yield from (saved / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values())))
-    else:
-        yield saved / "model.safetensors"
-
-
-def read_saved_file(path: Path) -> None:
-    if path.suffix == ".json":
-        json.loads(path.read_bytes())
-        return
-    with safe_open(path, framework="pt"):
-        pass
-
-
-def restore_hint(run_dir: Path, saved: Path) -> str:
-    last = last_checkpoint(run_dir)
-    if last is None:
-        return f"train again (the run has no checkpoint to restore {saved.name}/ from)"
-    return (f"restore {saved.name}/ from the last checkpoint ({last} has the same files) with "
-            f"`{copy_command(last, saved)}`, or train again")
-
-
-def copy_command(checkpoint: Path, saved: Path) -> str:
-    """The shell command that copies a checkpoint's weights, configs and tokenizer (not the optimizer and trainer
-    state, which only --resume needs) to where the run keeps what it trained."""
-    files = [p for p in sorted(checkpoint.iterdir()) if p.is_file() and not is_training_state(p.name)]
-    sources, dest = " ".join(shlex.quote(str(p)) for p in files), shlex.quote(str(saved))
-    return f"mkdir -p {dest} && cp {sources} {dest}/"
-
-
-def is_training_state(name: str) -> bool:
-    return name in CHECKPOINT_STATE or name.startswith("rng_state")
-
-
-def stopped_early(checkpoint: Path) -> bool:
-    """Whether the checkpoint is from before the run's last step, so --resume can still train on from it."""
-    try:
-        state = json.loads((checkpoint / "trainer_state.json").read_bytes())
-        return state["global_step"] < state["max_steps"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """train.last_checkpoint, imported only on these error paths: qlora_lite.train loads peft and bitsandbytes."""
-    from qlora_lite import train as train_stage
-
-    return train_stage.last_checkpoint(run_dir)
 
 
 @contextlib.contextmanager
@@ -201,8 +100,7 @@ def base_model(loaded: model_stage.LoadedModel, recipe: Recipe):
         with loaded.model.disable_adapter():
             yield loaded.model
         return
-    unquantized = dataclasses.replace(recipe.method, kind="lora")
-    base = model_stage.load_model(recipe.model, recipe.quantization, recipe.train, unquantized).model.eval()
+    base = model_stage.load_model(recipe.model, recipe.quantization, recipe.train, base_only=True).model.eval()
     try:
         yield base
     finally:
@@ -242,18 +140,25 @@ def held_out_rows(recipe: Recipe, split: str | None = None, splits: dict | None 
 
 
 def generate(model, tokenizer, prompts: list[list[int]], *, is_encoder_decoder: bool, max_new_tokens: int,
-             batch_size: int) -> list[str]:
+             batch_size: int, unpadded: bool = False) -> list[str]:
     """Greedy continuations of token-id prompts, decoded without special tokens and stripped, in input order.
 
     Prompts are batched longest first (a memory problem shows in the first batch) and padded here: on the left
-    for decoder-only models, so every row's last prompt token is where generation starts.
+    for decoder-only models, so every row's last prompt token is where generation starts. `unpadded` batches only
+    prompts of one length: PEFT's prompt tuning drops the position ids that make left padding harmless, so a
+    padded row would be read at shifted positions (its batched output differed from its own).
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    if unpadded:
+        by_length: dict[int, list[int]] = {}
+        for i in order:
+            by_length.setdefault(len(prompts[i]), []).append(i)
+        batches = [same[k : k + batch_size] for same in by_length.values() for k in range(0, len(same), batch_size)]
     texts = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        chosen = order[start : start + batch_size]
+    for chosen in batches:
         ids, mask = pad_batch([prompts[i] for i in chosen], pad_id, left=not is_encoder_decoder)
         try:
             with torch.no_grad():
@@ -339,18 +244,18 @@ def score(predictions: list[str], references: list[str], metrics) -> dict[str, f
 def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str | Path, *,
                  split: str | None = None, train_rows=None) -> EvalResult:
     """Generate with the base (adapter disabled) and the tuned model, score both, write eval.json and samples.md.
-    Another split than the run's own (`eval --split eval` of a run evaluated on test) writes eval-<split>.json and
-    samples-<split>.md, so the run's own evaluation, which the report and compare read, is kept. eval.json
+    Another split than the run's own (`eval --split eval` of a run evaluated on test) writes its own files
+    (RunDir.eval_json), so the run's own evaluation, which the report and compare read, is kept. eval.json
     counts the held-out rows whose input was trained on (with `run`'s training rows, or a local data.train).
 
     `loaded.model` must be a PEFT model; it is left in eval mode.
     """
     started = time.monotonic()
-    run_dir = Path(run_dir)
+    rd = RunDir(Path(run_dir))
     own_split = held_out_split(recipe)[0]
     split, rows = held_out_rows(recipe, split)
-    suffix = "" if split == own_split else f"-{split}"
-    eval_json, samples_md = run_dir / f"eval{suffix}.json", run_dir / f"samples{suffix}.md"
+    other = None if split == own_split else split
+    eval_json, samples_md = rd.eval_json(other), rd.samples(other)
     prompts, truncated = encode_prompts(rows, recipe, loaded.tokenizer, loaded.is_encoder_decoder)
     if train_rows is None and Path(recipe.data.train).is_file():  # `eval` of a saved run: its local training file
         train_rows = data_stage.load_splits(recipe.data, recipe.prompt, names=("train",))["train"]
@@ -367,11 +272,13 @@ def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str |
     texts, seconds, general_loss = {}, {}, {}
     log.info("generating for %d %s examples, base then tuned", len(rows), split)
     amp = model_stage.autocast(loaded.device, loaded.compute_dtype)
+    soft_prompt = recipe.method.spec.trains == "soft prompt"
     for which in ("base", "tuned"):
         begun = time.monotonic()
         with base_model(loaded, recipe) if which == "base" else contextlib.nullcontext(model) as m, amp:
             texts[which] = generate(m, loaded.tokenizer, prompts, is_encoder_decoder=loaded.is_encoder_decoder,
-                                    max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size)
+                                    max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size,
+                                    unpadded=soft_prompt and which == "tuned" and not loaded.is_encoder_decoder)
             if chunks:
                 general_loss[which] = mean_token_loss(m, chunks, loaded.is_encoder_decoder, recipe.eval.batch_size)
             del m  # no reference left when base_model frees a reloaded base and empties the allocator cache
@@ -399,7 +306,7 @@ def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str |
         "seconds": seconds,
         "forgetting": asdict(forgetting) if forgetting else None,
     }
-    eval_json.write_text(json.dumps(report, indent=2) + "\n")
+    rd.write_json(eval_json, report)
     write_samples(samples_md, split, rows, recipe, references, texts)
     return EvalResult(
         split=split, n=len(rows), base=report["base"], tuned=report["tuned"], seconds=seconds["total"],

@@ -1,7 +1,7 @@
 """Stage 6: merge a run's adapter into an unquantized copy of its base and save a plain transformers model.
 
-Inputs: a run directory (recipe.toml, adapter/, eval.json when evaluated). Output: out_dir with safetensors
-weights, config, generation config, tokenizer, a model card (README.md) and merge_check.json; a `MergeResult`.
+Inputs: a run directory (its recipe, adapter and evaluation when evaluated). Output: out_dir with safetensors
+weights, config, generation config, tokenizer, a model card and the merge check; a `MergeResult`.
 
 Never into 4-bit weights: PEFT would re-quantize the merged weights (peft#2321). The base loads unquantized on
 the CPU. With base = "dequantized" every weight the 4-bit model quantized is first replaced by its NF4
@@ -31,15 +31,15 @@ import torch
 
 from qlora_lite import model as model_stage
 from qlora_lite.errors import UserError
-from qlora_lite.evaluate import read_run
 from qlora_lite.recipe import QuantizationRecipe, Recipe
-from qlora_lite.report import metrics_table, read_eval_json, recipe_summary
+from qlora_lite.report import metrics_table, recipe_summary
+from qlora_lite.rundir import MERGE_CHECK, MODEL_CARD, TRAINED_FOLDERS, RunDir, read_eval_json, read_run
+from qlora_lite.source import CONFIG_FILE, resolve_model_source
 
 log = logging.getLogger(__name__)
 
 BLOCKSIZE = 64  # bitsandbytes' Linear4bit default; BitsAndBytesConfig does not change it
 MAX_SHARD_SIZE = "5GB"
-TRAINED_FOLDERS = ("adapter", "model", "checkpoints")  # what training saved in a run directory: never an --out
 # Largest accepted max |diff| / max |reference logit|, for the export dtype or the reference's compute dtype,
 # whichever is looser. Measured on SmolLM2-135M (30 layers): correct merges 2e-6 in fp32, 1.9e-2 in fp16,
 # 5.9e-2 in bf16 (rounding every weight); a merge into the wrong base (original vs 4-bit reference) 0.33.
@@ -81,7 +81,7 @@ class Reference:
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", base: str = "dequantized",
               force: bool = False) -> MergeResult:
-    """Merge run_dir/adapter into its base, save to out_dir, verify the logits; see the module docstring.
+    """Merge the run's adapter into its base, save to out_dir, verify the logits; see the module docstring.
 
     A non-empty out_dir is refused unless `force`; with it, the files written here replace their namesakes
     (and transformers removes weight shards of an earlier export), everything else stays. The run directory, its
@@ -91,16 +91,17 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
     from transformers import AutoTokenizer
 
     started = time.monotonic()
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    rd, out_dir = RunDir(Path(run_dir)), Path(out_dir)
+    run_dir = rd.path
     if dtype not in model_stage.DTYPES or base not in ("dequantized", "original"):
         raise UserError(f"merge: dtype must be bf16, fp16 or fp32, base dequantized or original; got {dtype}, {base}")
     check_out_not_in_run(out_dir, run_dir)
     check_out_dir(out_dir, force)
     recipe = read_run(run_dir)
-    if skip := nothing_to_merge(recipe):
+    if skip := recipe.method.spec.not_merged:
         raise UserError(f"{run_dir}: {skip}")
     base = merge_base(recipe, base)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter", trust_remote_code=recipe.model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(rd.adapter, trust_remote_code=recipe.model.trust_remote_code)
     torch_dtype = model_stage.DTYPES[dtype]
     if base == "dequantized":
         reference = four_bit_reference(recipe, run_dir, tokenizer)  # freed before the full-size model loads
@@ -120,9 +121,9 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir, max_shard_size=MAX_SHARD_SIZE)  # also writes generation_config.json
     tokenizer.save_pretrained(out_dir)
-    (out_dir / "merge_check.json").write_text(json.dumps(dataclasses.asdict(check), indent=2) + "\n")
+    (out_dir / MERGE_CHECK).write_text(json.dumps(dataclasses.asdict(check), indent=2) + "\n")
     result = MergeResult(out_dir, dtype, base, rounded, check, time.monotonic() - started)
-    (out_dir / "README.md").write_text(model_card(recipe, run_dir, result))
+    (out_dir / MODEL_CARD).write_text(model_card(recipe, rd, result))
     return result
 
 
@@ -131,23 +132,13 @@ def merge_base(recipe: Recipe, base: str) -> str:
     return base if recipe.load_in_4bit else "original"
 
 
-def nothing_to_merge(recipe: Recipe) -> str | None:
-    """Why a run has no adapter to merge (full fine-tuning, prompt tuning), or None when it has one."""
-    if recipe.method.kind == "full":
-        return "full fine-tuning trained every weight: model/ in the run directory is already the whole model"
-    if recipe.method.kind == "prompt_tuning":
-        return ("prompt tuning learns virtual input tokens, not weight updates: there is nothing to merge; "
-                "load adapter/ with peft.PeftModel.from_pretrained on the base")
-    return None
-
-
 def check_out_not_in_run(out_dir: Path, run_dir: Path) -> None:
     """Refuse, even with --force, an --out where the export would overwrite what training saved (the adapter's
     own config and weights, say) or mix a full model into the run directory or its parents."""
     clash = out_clash(out_dir.resolve(), run_dir.resolve())
     if clash:
         raise UserError(f"--out {out_dir} is {clash}; merging there would overwrite what training saved: "
-                        f"choose another folder (default: {run_dir / 'merged'})")
+                        f"choose another folder (default: {RunDir(run_dir).merged})")
 
 
 def out_clash(out: Path, run: Path) -> str | None:
@@ -180,7 +171,7 @@ def load_unquantized(recipe: Recipe, dtype: torch.dtype):
     the peak is one model in `dtype`: about 16 GB for an 8B model in bf16, 32 GB in fp32."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    source = model_stage.resolve_model_source(recipe.model)
+    source = resolve_model_source(recipe.model)
     config = AutoConfig.from_pretrained(source, trust_remote_code=recipe.model.trust_remote_code)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     return auto.from_pretrained(source, dtype=dtype, device_map="cpu", trust_remote_code=recipe.model.trust_remote_code)
@@ -189,7 +180,7 @@ def load_unquantized(recipe: Recipe, dtype: torch.dtype):
 def load_adapter(model, run_dir: Path):
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, run_dir / "adapter")
+    return PeftModel.from_pretrained(model, RunDir(run_dir).adapter)
 
 
 def four_bit_reference(recipe: Recipe, run_dir: Path, tokenizer) -> Reference:
@@ -198,7 +189,7 @@ def four_bit_reference(recipe: Recipe, run_dir: Path, tokenizer) -> Reference:
     import bitsandbytes as bnb
 
     train = dataclasses.replace(recipe.train, device="auto")  # the training GPU may not be on this machine
-    loaded = model_stage.load_model(recipe.model, recipe.quantization, train)
+    loaded = model_stage.load_model(recipe.model, recipe.quantization, train, recipe.method)
     quantized = [n for n, m in loaded.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     model = load_adapter(loaded.model, run_dir)
     for module in model.modules():
@@ -283,7 +274,7 @@ def compare(merged: list[torch.Tensor], reference: Reference, tolerance: float) 
 # ---------------------------------------------------------------- model card
 
 
-def model_card(recipe: Recipe, run_dir: Path, result: MergeResult) -> str:
+def model_card(recipe: Recipe, rd: RunDir, result: MergeResult) -> str:
     merged_into = {
         "dequantized": "the NF4-rounded base (each quantized weight replaced by its 4-bit round trip: the weights "
         "the adapter was trained against)",
@@ -296,9 +287,9 @@ def model_card(recipe: Recipe, run_dir: Path, result: MergeResult) -> str:
         "Load it with `AutoModel...from_pretrained` like any transformers model.", "", "## Recipe", "",
         "| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in recipe_summary(recipe)), "",
     ]
-    report = readable_eval_json(run_dir / "eval.json")
+    report = readable_eval_json(rd.eval_json())
     if report:
-        lines += ["## Evaluation (before merging, from eval.json)", "", *metrics_table(report), ""]
+        lines += [f"## Evaluation (before merging, from {rd.eval_json().name})", "", *metrics_table(report), ""]
     check = result.check
     lines += [
         "## Merge check", "",
@@ -320,19 +311,19 @@ def readable_eval_json(path: Path) -> dict | None:
 
 def base_license(recipe: Recipe) -> str:
     """The license in the base model's card (its README front matter) or config, else "unknown"."""
-    source = Path(model_stage.resolve_model_source(recipe.model))
-    card = source / "README.md"
+    source = Path(resolve_model_source(recipe.model))
+    card = source / MODEL_CARD
     if not card.is_file() and not source.is_dir():
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(recipe.model.name, "README.md")
+        cached = try_to_load_from_cache(recipe.model.name, MODEL_CARD)
         card = Path(cached) if isinstance(cached, str) else card
     if card.is_file():
         front = re.match(r"---\n(.*?)\n---", card.read_text(encoding="utf-8", errors="replace"), re.S)
         found = re.search(r"^license:\s*(\S+)", front.group(1), re.M) if front else None
         if found:
             return found.group(1).strip("\"'")
-    config = source / "config.json"
+    config = source / CONFIG_FILE
     if config.is_file():
         return str(json.loads(config.read_text()).get("license") or "unknown")
     return "unknown"

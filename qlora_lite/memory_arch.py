@@ -1,9 +1,8 @@
 """The model skeleton the memory planner reads: exact parameter counts and the shapes that set its byte figures.
 
 Input: a `Recipe` and the model's `PretrainedConfig`. Output: an `Arch`. The model is built on the meta device (no
-weights), 4-bit layers are chosen with transformers' own bitsandbytes rule, and the method is attached as model.py
-attaches it: LoRA and prompt tuning with PEFT itself, every weight trainable for full fine-tuning. So the counts
-equal `model.count_parameters` after `attach_method`.
+weights), 4-bit layers are chosen with transformers' own bitsandbytes rule, and the method is attached by the
+function training uses, `model.attach_method`. So the counts equal `model.count_parameters` after it.
 """
 
 from __future__ import annotations
@@ -98,7 +97,11 @@ def analyze(recipe: Recipe, config) -> Arch:
         head = None if enc_dec else model.get_output_embeddings()  # TRL's fused head casts it tile by tile
         dims = _dims(config, blocks, _stack_lengths(model, blocks))
         mlp_saved, linear_inputs = _mlp_saved(blocks, config, dims["intermediate"]), _linear_inputs(blocks)
-        wrapped = _attach(recipe, model, enc_dec)
+        # model.py imports torch and transformers at its top, which a cached plan never needs: imported here
+        from qlora_lite.model import LoadedModel, attach_method
+
+        skeleton = LoadedModel(model, None, enc_dec, "meta", torch.float32, source=None)
+        wrapped = attach_method(skeleton, recipe)  # what training attaches; PEFT gives T5 a prompt per stack
     trainable = {id(p): p for p in wrapped.parameters() if p.requires_grad}
     embeddings = {id(m.weight) for m in wrapped.modules() if isinstance(m, torch.nn.Embedding)}
     casts = _cast_params(wrapped, trainable, head)
@@ -121,7 +124,7 @@ def analyze(recipe: Recipe, config) -> Arch:
         linear_inputs=linear_inputs, cast_params=sum(casts.values()),
         block_cast_params=max((sum(c.values()) for c in block_casts), default=0),
         largest_linear=max((n for c in block_casts for n in c.values()), default=0),
-        virtual_tokens=recipe.method.num_virtual_tokens if recipe.method.kind == "prompt_tuning" else 0,
+        virtual_tokens=recipe.method.num_virtual_tokens if recipe.method.spec.trains == "soft prompt" else 0,
         is_encoder_decoder=enc_dec, mlp_saved=mlp_saved, **dims,
         attention=model.config._attn_implementation or "eager", **_dropouts(config),
         block_norms=tuple((_stream(name), _norm_count(block)) for name, block in blocks.items()),
@@ -135,23 +138,6 @@ def _max_positions(config) -> dict:
     value = getattr(text, "max_position_embeddings", None)
     return dict(max_positions=value if isinstance(value, int) and value > 0 else None,
                 max_positions_key=text.attribute_map.get("max_position_embeddings", "max_position_embeddings"))
-
-
-def _attach(recipe: Recipe, model, enc_dec: bool):
-    """The method on the skeleton: PEFT's own LoRA or prompt tuning; full fine-tuning trains every weight (a
-    fresh model's parameters all require grad). The prompt's init text changes values, not shapes; PEFT gives T5 a
-    prompt per stack (num_transformer_submodules = 2) and trains both, though only the encoder's is used."""
-    from peft import PromptTuningConfig, get_peft_model
-
-    task = "SEQ_2_SEQ_LM" if enc_dec else "CAUSAL_LM"
-    if recipe.method.kind == "full":
-        return model
-    if recipe.method.kind == "prompt_tuning":
-        tokens = recipe.method.num_virtual_tokens
-        return get_peft_model(model, PromptTuningConfig(task_type=task, num_virtual_tokens=tokens))
-    from qlora_lite.model import wrap_lora  # model.py imports the planner: not at the top
-
-    return wrap_lora(model, recipe.lora, enc_dec)
 
 
 def _dims(config, blocks: dict, lengths: list[int]) -> dict[str, int]:

@@ -11,24 +11,17 @@ What stays in which dtype is decided here, and the memory planner models exactly
 from __future__ import annotations
 
 import contextlib
-import difflib
-import hashlib
-import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from qlora_lite.errors import UserError
-from qlora_lite.memory import cache_dir, file_identity, gguf_path, model_source, read_config
+from qlora_lite.lora import wrap_lora
 from qlora_lite.recipe import (
     LoraRecipe, MethodRecipe, ModelRecipe, PromptRecipe, QuantizationRecipe, Recipe, TrainRecipe, placeholders,
-    quantizes,
 )
-
-log = logging.getLogger(__name__)
+from qlora_lite.source import read_config, resolve_model_source
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -40,7 +33,8 @@ class LoadedModel:
     is_encoder_decoder: bool
     device: str
     compute_dtype: torch.dtype
-    source: str  # the folder or hub id the weights came from (after GGUF conversion)
+    source: str | None  # the folder or hub id the weights came from (after GGUF conversion); None: the planner's
+    # skeleton, built from a config alone
 
 
 def pick_device(train: TrainRecipe) -> str:
@@ -72,45 +66,16 @@ def autocast(device: str, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
-def resolve_model_source(model: ModelRecipe) -> str:
-    """A folder or hub id `from_pretrained` can read. GGUF files are converted once to safetensors and cached."""
-    if model.gguf_file is None:
-        return model_source(model.name)
-    return str(_convert_gguf(gguf_path(model)))
-
-
-def _convert_gguf(gguf_path: Path) -> Path:
-    """GGUF weights load dequantized to fp32; save them once as safetensors so later runs load in 4-bit quickly."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    key = hashlib.sha1(file_identity(gguf_path).encode()).hexdigest()[:12]
-    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
-    if (target / "config.json").is_file():
-        return target
-    log.info("converting %s to safetensors in %s (once)", gguf_path.name, target)
-    folder, file = str(gguf_path.parent), gguf_path.name
-    with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):  # transformers' own tqdm bar
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
-    model.hf_quantizer = None  # else save_pretrained refuses: "quantized with gguf and is not serializable"
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(target)
-    return target
-
-
 def load_model(model: ModelRecipe, quant: QuantizationRecipe, train: TrainRecipe,
-               method: MethodRecipe = MethodRecipe(), prompt: PromptRecipe | None = None) -> LoadedModel:
+               method: MethodRecipe = MethodRecipe(), prompt: PromptRecipe | None = None, *,
+               base_only: bool = False) -> LoadedModel:
     """Load tokenizer and base model, quantized as the method asks, on the device the recipe asks for.
 
     The tokenizer loads first and is checked against `prompt` (when given), so a model folder without tokenizer
-    files or a chat template fails in seconds, before the weights. Full fine-tuning loads fp32 weights: the
-    optimizer updates fp32 master weights, autocast computes in the compute dtype (a pure bf16 model would round
-    small updates away).
+    files or a chat template fails in seconds, before the weights. A method that trains every weight loads fp32
+    weights: the optimizer updates fp32 master weights, autocast computes in the compute dtype (a pure bf16 model
+    would round small updates away). `base_only`: the untrained base in the compute dtype, unquantized (what full
+    fine-tuning is compared against).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, BitsAndBytesConfig
 
@@ -119,9 +84,9 @@ def load_model(model: ModelRecipe, quant: QuantizationRecipe, train: TrainRecipe
     config = read_config(model, source)
     is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     dtype = pick_compute_dtype(quant, device, is_encoder_decoder)
-    weights = torch.float32 if method.kind == "full" else dtype
+    weights = dtype if method.spec.has_adapter or base_only else torch.float32  # fp32 master weights
     kwargs = {"dtype": weights, "trust_remote_code": model.trust_remote_code}
-    if quantizes(method, quant):
+    if method.spec.quantizes(quant.load_in_4bit) and not base_only:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=quant.quant_type,
@@ -161,11 +126,15 @@ def load_tokenizer(source: str, trust_remote_code: bool = False, name: str | Non
 
 
 def attach_method(loaded: LoadedModel, recipe: Recipe):
-    """Make trainable what `[method] kind` trains; returns the model to hand to the trainer."""
-    kind = recipe.method.kind
-    if kind == "full":
+    """Make trainable what the recipe's method trains (methods.METHODS); returns the model to hand to the trainer.
+
+    The planner runs this same function on its meta-device skeleton (source None: a soft prompt starts from random
+    vectors there, of the same shape), so the parameters it counts are the ones training builds.
+    """
+    trains = recipe.method.spec.trains
+    if trains == "every weight":
         return unfreeze_all(loaded, recipe.train)
-    if kind == "prompt_tuning":
+    if trains == "soft prompt":
         return attach_prompt_tuning(loaded, recipe.method, recipe.prompt, recipe.train)
     return attach_lora(loaded, recipe.lora, recipe.train)
 
@@ -181,10 +150,21 @@ def freeze_base(model, train: TrainRecipe, *, use_reentrant: bool = True) -> Non
         if param.ndim == 1 and param.dtype in (torch.float16, torch.bfloat16) and "norm" in name.lower():
             param.data = param.data.float()
     if train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        enable_checkpointing(model, use_reentrant)
         if use_reentrant:
             model.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
     model.config.use_cache = False
+
+
+def enable_checkpointing(model, use_reentrant: bool) -> None:
+    """Recompute each block's activations in the backward pass. transformers 5.2x renamed
+    gradient_checkpointing_enable to activation_checkpointing_enable (the old name warns, and goes in 6); the
+    oldest transformers the pins allow has only the old name."""
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def attach_lora(loaded: LoadedModel, lora: LoraRecipe, train: TrainRecipe, *, use_reentrant: bool = True):
@@ -192,51 +172,6 @@ def attach_lora(loaded: LoadedModel, lora: LoraRecipe, train: TrainRecipe, *, us
     freeze_base(loaded.model, train, use_reentrant=use_reentrant)
     loaded.model = wrap_lora(loaded.model, lora, loaded.is_encoder_decoder)
     return loaded.model
-
-
-def wrap_lora(model, lora: LoraRecipe, is_encoder_decoder: bool):
-    """PEFT's LoRA on `model` (the planner's meta skeleton too), PEFT's refusals as one recipe error."""
-    from peft import LoraConfig, TaskType, get_peft_model
-
-    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
-    if isinstance(targets, list):
-        check_lora_targets(model, targets)
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=targets,
-        task_type=TaskType.SEQ_2_SEQ_LM if is_encoder_decoder else TaskType.CAUSAL_LM,
-    )
-    try:
-        return get_peft_model(model, config)
-    except ValueError as e:
-        if "lora_dropout" in str(e):  # Mixtral-style fused experts (3-D parameters) take no LoRA dropout
-            raise UserError(f"lora.dropout: PEFT says: {e} Set lora.dropout = 0 for this model") from None
-        raise UserError(f"lora.target_modules: {e}") from None
-
-
-def check_lora_targets(model, targets: list[str]) -> None:
-    """Every listed name must match a layer LoRA can adapt: PEFT is content with one match, so a typo ("v_prj")
-    silently trained fewer layers than asked, and a block's name ("self_attn") failed with the block printed."""
-    from transformers.pytorch_utils import Conv1D
-
-    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
-    found = {t: [m for n, m in model.named_modules() if n == t or n.endswith("." + t)] for t in targets}
-    wrong = [t for t in targets if not any(isinstance(m, kinds) for m in found[t])]
-    if not wrong:
-        return
-    target, found = wrong[0], found[wrong[0]]
-    layers = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds)})
-    close = difflib.get_close_matches(target, layers, n=1)
-    fused = [n for n, p in model.named_parameters() if p.ndim >= 3 and (n.endswith("." + target) or f".{target}." in n)]
-    what = (f"{target!r} is a {type(found[0]).__name__}, not a layer LoRA adapts" if found
-            else f"{target!r} matches no layer of this model")
-    if fused:  # Mixtral-style experts stored as one 3-D tensor: PEFT adapts them as parameters, under all-linear
-        what = (f"{target!r} {'holds' if found else 'names'} fused expert weights (3-D tensors), not a layer: PEFT "
-                f"adapts them only under target_modules = \"all-linear\"")
-    raise UserError(f"lora.target_modules: {what}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                    + f"; its linear and embedding layers: {', '.join(layers)}; or use \"all-linear\"")
 
 
 def prompt_tuning_init_text(method: MethodRecipe, prompt: PromptRecipe) -> str:
@@ -258,7 +193,7 @@ def attach_prompt_tuning(loaded: LoadedModel, method: MethodRecipe, prompt: Prom
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
     freeze_base(loaded.model, train)
-    text = prompt_tuning_init_text(method, prompt)
+    text = prompt_tuning_init_text(method, prompt) if loaded.source is not None else ""
     config = PromptTuningConfig(
         task_type=TaskType.SEQ_2_SEQ_LM if loaded.is_encoder_decoder else TaskType.CAUSAL_LM,
         num_virtual_tokens=method.num_virtual_tokens,
@@ -276,7 +211,7 @@ def unfreeze_all(loaded: LoadedModel, train: TrainRecipe):
     for param in model.parameters():
         param.requires_grad = True
     if train.gradient_checkpointing:  # the embedding weight trains, so checkpoint inputs already require grad
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        enable_checkpointing(model, use_reentrant=True)
     model.config.use_cache = False
     return model
 

@@ -2,13 +2,12 @@
 
 Sources: NVML (device memory used by this process and in total, utilization, temperature, power), torch.cuda
 counters (allocated, reserved, their peaks) and the process RSS. Whatever is missing (no GPU, no NVML) is named
-once and left out; nothing here may crash a run. `MemoryMonitor` writes one line per logged step to
-memory.jsonl and, when the budget is crossed, stops training cleanly (checkpoint + adapter saved) or warns.
+once and left out; nothing here may crash a run. `MemoryMonitor` writes one line per logged step to the run's
+memory log and, when the budget is crossed, stops training cleanly (checkpoint + adapter saved) or warns.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,8 +17,9 @@ from typing import Callable
 import torch
 from transformers import TrainerCallback
 
+from qlora_lite import events
 from qlora_lite.memory import CUDA_CONTEXT_GIB
-from qlora_lite.report import append_jsonl, read_jsonl
+from qlora_lite.rundir import RunDir, append_jsonl
 
 GIB = 2**30
 
@@ -118,7 +118,8 @@ def footprint_gib(row: dict) -> float | None:
 
 
 class MemoryMonitor(TrainerCallback):
-    """Samples at every logged step into memory.jsonl; on a crossed budget, stops (saving a checkpoint) or warns."""
+    """Samples at every logged step into the memory log; on a crossed budget, stops (saving a checkpoint) or
+    warns. Each sample is also told to `notify`, so a log file shows memory beside the loss."""
 
     def __init__(
         self,
@@ -126,7 +127,7 @@ class MemoryMonitor(TrainerCallback):
         probe: Probe,
         budget_gib: float | None,
         on_exceed: str = "stop",
-        notify: Callable[[str, object], None] = lambda e, p: None,
+        notify: events.Notify = events.ignore,
         measure: Callable[[Probe], dict] | None = None,
     ):
         self.path, self.probe, self.budget_gib, self.on_exceed = path, probe, budget_gib, on_exceed
@@ -136,6 +137,8 @@ class MemoryMonitor(TrainerCallback):
     def record(self, step: int) -> dict:
         row = {"step": step, **self.measure(self.probe)}
         append_jsonl(self.path, row)
+        on_gpu = self.probe.device == "cuda"
+        self.notify(events.MemorySampled(step, footprint_gib(row) if on_gpu else row.get("rss_gib"), on_gpu))
         return row
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -149,16 +152,10 @@ class MemoryMonitor(TrainerCallback):
         if self.budget_gib is None or used is None or used <= self.budget_gib or self.exceeded:
             return
         self.exceeded = row
-        self.notify("budget_exceeded", {"step": state.global_step, "used_gib": used, "budget_gib": self.budget_gib,
-                                        "action": self.on_exceed})
+        self.notify(events.BudgetCrossed(state.global_step, used, self.budget_gib, self.on_exceed == "stop"))
         if self.on_exceed == "stop":
             control.should_save = True  # a resumable checkpoint at this very step
             control.should_training_stop = True
-
-
-def read_samples(run_dir: Path) -> list[dict]:
-    path = run_dir / "memory.jsonl"
-    return read_jsonl(path)[0] if path.is_file() else []  # a half-written line (a killed run) skipped
 
 
 # ---------------------------------------------------------------- the memory-budget report
@@ -186,7 +183,11 @@ def memory_report(plan, samples: list[dict], budget_gib: float | None, missing: 
     }
     device_peak = measured["process_peak_gib"] or measured["device_peak_gib"]
     predicted = plan.to_json() if plan else None
-    peak = device_peak if device_peak is not None else (plan.peak_gib if plan else None)
+    # The budget's own figure where NVML gives none (the allocator's peak reserve plus the CUDA context): the report
+    # must not show headroom on a run the budget stopped.
+    footprints = [f for f in map(footprint_gib, samples) if f is not None]
+    measured_peak = device_peak if device_peak is not None else max(footprints, default=None)
+    peak = measured_peak if measured_peak is not None else (plan.peak_gib if plan else None)
     return {
         "predicted": predicted,
         "measured": {k: v for k, v in measured.items() if v is not None},
@@ -195,7 +196,7 @@ def memory_report(plan, samples: list[dict], budget_gib: float | None, missing: 
             "peak_device": _error_pct(device_peak, plan.peak_gib if plan else None),
         },
         "peak_gib": peak,
-        "peak_source": "measured" if device_peak is not None else "predicted",
+        "peak_source": "measured" if measured_peak is not None else "predicted",
         "budget_gib": budget_gib,
         "headroom_gib": None if budget_gib is None or peak is None else budget_gib - peak,
         "missing": missing,
@@ -203,13 +204,13 @@ def memory_report(plan, samples: list[dict], budget_gib: float | None, missing: 
     }
 
 
-def write_memory_report(run_dir: Path, plan, budget_gib: float | None, missing: list[str]) -> dict:
-    """memory_report.json, memory_report.md and memory_timeline.png in the run directory."""
-    samples = read_samples(run_dir)
+def write_memory_report(rd: RunDir, plan, budget_gib: float | None, missing: list[str]) -> dict:
+    """The memory report (JSON and Markdown) and the memory timeline chart, in the run directory."""
+    samples = rd.memory_samples()
     report = memory_report(plan, samples, budget_gib, missing)
-    (run_dir / "memory_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    png = _timeline_png(run_dir / "memory_timeline.png", samples, budget_gib, plan)
-    (run_dir / "memory_report.md").write_text(_markdown(report, png))
+    rd.write_json(rd.memory_report, report)
+    png = _timeline_png(rd.memory_timeline, samples, budget_gib, plan)
+    rd.memory_report_md.write_text(_markdown(report, png))
     return report
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from qlora_lite.errors import UserError, utf8_text
+from qlora_lite.methods import METHODS, Method
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -66,7 +67,7 @@ class PromptRecipe:
 
 @dataclass(frozen=True)
 class MethodRecipe:
-    kind: Literal["qlora", "lora", "full", "prompt_tuning"] = _opt(
+    kind: Literal[tuple(METHODS)] = _opt(  # type: ignore[valid-type]  (the names of methods.METHODS)
         "qlora", doc="qlora = LoRA on a 4-bit base; lora = on a 16-bit base; full = every weight; prompt_tuning"
     )
     num_virtual_tokens: int = _opt(20, lo=1, hi=512, doc="prompt_tuning: trainable soft-prompt tokens")
@@ -74,8 +75,10 @@ class MethodRecipe:
         None, doc="prompt_tuning: text the virtual tokens start from (default: the template's own words)"
     )
 
-
-METHODS: tuple[str, ...] = typing.get_args(typing.get_type_hints(MethodRecipe)["kind"])  # what compare runs
+    @property
+    def spec(self) -> Method:
+        """What this method is (methods.METHODS): what trains, whether the base is 4-bit, what merges."""
+        return METHODS[self.kind]
 
 
 @dataclass(frozen=True)
@@ -175,11 +178,6 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def quantizes(method: MethodRecipe, quant: QuantizationRecipe) -> bool:
-    """QLoRA quantizes the base; LoRA and full fine-tuning never do; prompt tuning as [quantization] says."""
-    return method.kind == "qlora" or (method.kind == "prompt_tuning" and quant.load_in_4bit)
-
-
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -201,16 +199,20 @@ class Recipe:
 
     @property
     def load_in_4bit(self) -> bool:
-        return quantizes(self.method, self.quantization)
+        """Whether the base loads in 4-bit: as the method says, or as [quantization] says where the method lets it."""
+        return self.method.spec.quantizes(self.quantization.load_in_4bit)
 
     @property
     def has_adapter(self) -> bool:
-        """Every method but full fine-tuning trains a PEFT adapter on a frozen base."""
-        return self.method.kind != "full"
+        """A PEFT adapter on a frozen base (every method but full fine-tuning)."""
+        return self.method.spec.has_adapter
 
     def with_method(self, kind: str) -> Recipe:
-        """This recipe trained by another method; qlora brings its 4-bit base (load_recipe refuses it without)."""
-        quant = dataclasses.replace(self.quantization, load_in_4bit=True) if kind == "qlora" else self.quantization
+        """This recipe trained by another method; a method that needs a 4-bit base brings it (load_recipe refuses
+        quantization.load_in_4bit = false with it)."""
+        quant = self.quantization
+        if METHODS[kind].base_in_4bit:
+            quant = dataclasses.replace(quant, load_in_4bit=True)
         return dataclasses.replace(self, method=dataclasses.replace(self.method, kind=kind), quantization=quant)
 
 
@@ -526,6 +528,19 @@ def recipe_to_toml(recipe: Recipe) -> str:
             else:
                 lines.append(f"{f.name} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
+
+
+def changed_settings(recipe: Recipe) -> list[str]:
+    """"section.key = value" for each setting that differs from its default here (the name first): what a person
+    reads before a run, where the whole resolved recipe is some 80 lines."""
+    lines = [f"name = {_toml_value(recipe.name)}"]
+    for section, cls in SECTIONS.items():
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            value = getattr(getattr(recipe, section), f.name)
+            if value != getattr(defaults, f.name):
+                lines.append(f"{section}.{f.name} = {'(unset)' if value is None else _toml_value(value)}")
+    return lines
 
 
 def _toml_value(value) -> str:

@@ -1,37 +1,35 @@
-"""Stage 7: render a finished run directory as report.md with two charts. It reads files, it probes nothing.
+"""Stage 7: render a finished run directory as a Markdown report with two charts. It reads files, it probes nothing.
 
-Inputs: run_dir/recipe.toml, metrics.jsonl, eval.json, samples.md, memory_report.json (each optional but the
-recipe). Outputs: report.md, loss.png (training loss per step) and rouge.png (base vs tuned). A missing or
+Inputs: the run's recipe, metrics log, evaluation, samples and memory report (each optional but the recipe).
+Outputs: the report, a training-loss chart and a base-vs-tuned chart (file names: rundir.py). A missing or
 unreadable piece becomes one line saying so, never an error: a run killed mid-write leaves half a line at the end
-of metrics.jsonl, or a truncated JSON file, and the rest is still worth reporting.
+of the metrics log, or a truncated JSON file, and the rest is still worth reporting.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Callable
 
 from qlora_lite.errors import UserError, error_line
-from qlora_lite.recipe import Recipe, load_recipe
+from qlora_lite.recipe import Recipe
+from qlora_lite.rundir import RunDir, not_a_run, read_eval_json, read_json, read_jsonl
 
 SAMPLES_SHOWN = 3
 METRICS_SHOWN = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu")
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Write run_dir/report.md (and its PNGs); returns its path."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "recipe.toml").is_file():
-        raise UserError(f"{run_dir} is not a run directory (no recipe.toml); give <output.dir>/<name> of a run")
-    recipe = load_recipe(run_dir / "recipe.toml", files_must_exist=False)
+    """Write the run's report (and its charts); returns its path."""
+    rd = RunDir(Path(run_dir))
+    if not rd.is_run():
+        raise UserError(not_a_run(rd))
+    recipe = rd.read_recipe()
     lines = [f"# Run report: {recipe.name}", "", "## Recipe", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in recipe_summary(recipe)]
-    lines += ["", "## Training", "", *training_section(run_dir), "", "## Evaluation", "", *evaluation_section(run_dir)]
-    lines += ["", "## Memory", "", *memory_section(run_dir), "", "## Samples", "", *samples_section(run_dir), ""]
-    path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    lines += ["", "## Training", "", *training_section(rd), "", "## Evaluation", "", *evaluation_section(rd)]
+    lines += ["", "## Memory", "", *memory_section(rd), "", "## Samples", "", *samples_section(rd), ""]
+    rd.report.write_text("\n".join(lines))
+    return rd.report
 
 
 def recipe_summary(recipe: Recipe) -> list[tuple[str, str]]:
@@ -50,7 +48,7 @@ def recipe_summary(recipe: Recipe) -> list[tuple[str, str]]:
                          f"{q.compute_dtype}" if recipe.load_in_4bit
                          else f"none (16/32-bit base, compute {q.compute_dtype})"),
         ("LoRA", f"r {lora.r}, alpha {lora.alpha:g}, dropout {lora.dropout:g}, targets {targets}"
-                 if recipe.method.kind in ("qlora", "lora") else "not used"),
+                 if recipe.method.spec.uses_lora else "not used"),
         ("training", f"{schedule}, micro-batch {train.micro_batch_size} x {train.gradient_accumulation_steps} "
                      f"accumulation, lr {train.learning_rate:g} {train.lr_scheduler}, seed {train.seed}"),
         ("lengths", length),
@@ -61,11 +59,10 @@ def recipe_summary(recipe: Recipe) -> list[tuple[str, str]]:
 
 
 def method_summary(recipe: Recipe) -> str:
-    kind = recipe.method.kind
-    if kind == "prompt_tuning":
-        return f"prompt tuning, {recipe.method.num_virtual_tokens} virtual tokens"
-    return {"qlora": "QLoRA (LoRA on a 4-bit base)", "lora": "LoRA on a 16-bit base",
-            "full": "full fine-tuning (every weight, fp32 master weights)"}[kind]
+    spec = recipe.method.spec
+    if spec.trains == "soft prompt":
+        return f"{spec.summary}, {recipe.method.num_virtual_tokens} virtual tokens"
+    return spec.summary
 
 
 def metrics_table(report: dict) -> list[str]:
@@ -83,93 +80,42 @@ def shown_metrics(report: dict) -> list[str]:
     return [k for k in METRICS_SHOWN if all(isinstance(report[m].get(k), (int, float)) for m in ("base", "tuned"))]
 
 
-# ---------------------------------------------------------------- reading run files
-
-
-def read_json(path: Path) -> dict:
-    """A file holding one JSON object; ValueError (or OSError) when it does not."""
-    value = json.loads(path.read_bytes())
-    if not isinstance(value, dict):
-        raise ValueError(f"a JSON {type(value).__name__}, not an object")
-    return value
-
-
-def read_eval_json(path: Path) -> dict:
-    """eval.json with the base and tuned scores the tables need; ValueError (or OSError) when it lacks them."""
-    report = read_json(path)
-    if not all(isinstance(report.get(m), dict) for m in ("base", "tuned")):
-        raise ValueError("no base and tuned scores")
-    return report
-
-
-def read_jsonl(path: Path) -> tuple[list[dict], int]:
-    """(the JSON objects of a JSON Lines file, how many non-blank lines are not one): a run killed while writing
-    leaves half a line, which must not cost the lines before it."""
-    rows = [json_or_none(line) for line in path.read_bytes().splitlines() if line.strip()]
-    kept = [row for row in rows if isinstance(row, dict)]
-    return kept, len(rows) - len(kept)
-
-
-def json_or_none(line: bytes):
-    try:
-        return json.loads(line)
-    except ValueError:  # not JSON, or not UTF-8
-        return None
-
-
-def append_jsonl(path: Path, row: dict) -> None:
-    """One JSON line at the end of a run's log; after a half-written last line (a run killed while writing), on a
-    line of its own, so the first row of a resumed run is not glued to it and lost."""
-    with path.open("a+b") as f:
-        broken = f.tell() > 0 and (f.seek(-1, 2), f.read(1))[1] != b"\n"
-        f.write(b"\n" * broken + json.dumps(row).encode() + b"\n")
-
-
-def keep_jsonl_rows(path: Path, keep: Callable[[dict], bool]) -> None:
-    """Rewrite a run's log with the rows `keep` accepts (half-written lines dropped), atomically."""
-    if not path.is_file():
-        return
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(b"".join(json.dumps(row).encode() + b"\n" for row in read_jsonl(path)[0] if keep(row)))
-    partial.replace(path)
-
-
 # ---------------------------------------------------------------- sections
 
 
-def training_section(run_dir: Path) -> list[str]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return ["No metrics.jsonl: training has not logged a step."]
-    rows, skipped = read_jsonl(path)
+def training_section(rd: RunDir) -> list[str]:
+    name = rd.metrics.name
+    if not rd.metrics.is_file():
+        return [f"No {name}: training has not logged a step."]
+    rows, skipped = read_jsonl(rd.metrics)
     rows = [r for r in rows if "step" in r]
-    note = [f"Skipped {skipped} unreadable line(s) of metrics.jsonl (not a JSON object: a run stopped while "
+    note = [f"Skipped {skipped} unreadable line(s) of {name} (not a JSON object: a run stopped while "
             f"writing leaves half a line).", ""] if skipped else []
     # A resumed run logs some steps again: the later line wins.
     steps = sorted({r["step"]: r["loss"] for r in rows if "loss" in r and r.get("event") != "end"}.items())
     if not steps:
-        return [*note, "metrics.jsonl has no training loss yet."]
+        return [*note, f"{name} has no training loss yet."]
     evals = sorted({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}.items())
-    plot_lines(run_dir / "loss.png", {"train loss": steps, **({"eval loss": evals} if evals else {})},
+    plot_lines(rd.loss_png, {"train loss": steps, **({"eval loss": evals} if evals else {})},
                xlabel="step", ylabel="loss")
-    if not (run_dir / "result.json").is_file():  # written when training completes
+    if not rd.training_finished():
         note += [f"**Training has not finished**: the last logged step is {steps[-1][0]}; the recipe's schedule "
                  f"above is what it was meant to train (continue it with `run RECIPE --resume`).", ""]
     return [*note, f"Loss {steps[0][1]:.4f} at step {steps[0][0]}, {steps[-1][1]:.4f} at step {steps[-1][0]}.", "",
-            "![training loss](loss.png)"]
+            f"![training loss]({rd.loss_png.name})"]
 
 
-def evaluation_section(run_dir: Path) -> list[str]:
-    path = run_dir / "eval.json"
+def evaluation_section(rd: RunDir) -> list[str]:
+    path = rd.eval_json()
     if not path.is_file():
-        return ["No eval.json: the run has not been evaluated (`python -m qlora_lite eval RUN_DIR`)."]
+        return [f"No {path.name}: the run has not been evaluated (`python -m qlora_lite eval RUN_DIR`)."]
     try:
         report = read_eval_json(path)
     except (OSError, ValueError) as e:
-        return [f"eval.json cannot be read ({error_line(e)}): re-run `python -m qlora_lite eval {run_dir}`."]
+        return [f"{path.name} cannot be read ({error_line(e)}): re-run `python -m qlora_lite eval {rd}`."]
     keys = shown_metrics(report)
-    plot_bars(run_dir / "rouge.png", keys, {m: [100 * report[m][k] for k in keys] for m in ("base", "tuned")})
-    lines = metrics_table(report) + ["", "![base vs tuned](rouge.png)"]
+    plot_bars(rd.rouge_png, keys, {m: [100 * report[m][k] for k in keys] for m in ("base", "tuned")})
+    lines = metrics_table(report) + ["", f"![base vs tuned]({rd.rouge_png.name})"]
     if report.get("in_train"):
         lines += ["", f"**{report['in_train']} of the {report.get('n')} held-out examples also appear in the training "
                       f"data** (the same input text): their scores measure memory, not generalization."]
@@ -184,15 +130,15 @@ def evaluation_section(run_dir: Path) -> list[str]:
     return lines
 
 
-def memory_section(run_dir: Path) -> list[str]:
-    path = run_dir / "memory_report.json"
-    if not path.is_file():
-        return ["No memory_report.json in the run directory."]
+def memory_section(rd: RunDir) -> list[str]:
+    name = rd.memory_report.name
+    if not rd.memory_report.is_file():
+        return [f"No {name} in the run directory."]
     try:
-        memory = read_json(path)
+        memory = read_json(rd.memory_report)
     except (OSError, ValueError) as e:
-        return [f"memory_report.json cannot be read ({error_line(e)}); only training writes it, so this run's "
-                f"memory summary is lost (memory.jsonl keeps the measurements of each logged step)."]
+        return [f"{name} cannot be read ({error_line(e)}); only training writes it, so this run's "
+                f"memory summary is lost ({rd.memory_log.name} keeps the measurements of each logged step)."]
     found = []
     if isinstance(memory.get("peak_gib"), (int, float)):
         found.append(f"peak {memory['peak_gib']:.2f} GiB ({memory.get('peak_source', 'measured')})")
@@ -201,22 +147,22 @@ def memory_section(run_dir: Path) -> list[str]:
     if isinstance(memory.get("budget_gib"), (int, float)):
         found.append(f"budget {memory['budget_gib']:.2f} GiB, headroom {memory.get('headroom_gib') or 0:.2f} GiB")
     if not found:
-        return ["memory_report.json has no peak_gib or budget_gib."]
+        return [f"{name} has no peak_gib or budget_gib."]
     return [", ".join(found) + ".", "", *[f"Not measured: {m}." for m in memory.get("missing", [])],
-            "", "Per component, predicted vs measured: memory_report.md."]
+            "", f"Per component, predicted vs measured: {rd.memory_report_md.name}."]
 
 
-def samples_section(run_dir: Path) -> list[str]:
-    path = run_dir / "samples.md"
+def samples_section(rd: RunDir) -> list[str]:
+    path = rd.samples()
     if not path.is_file():
-        return ["No samples.md: the run has not been evaluated."]
+        return [f"No {path.name}: the run has not been evaluated."]
     try:
         examples = path.read_text(encoding="utf-8").split("\n## ")[1 : SAMPLES_SHOWN + 1]
     except (OSError, ValueError) as e:
-        return [f"samples.md cannot be read ({error_line(e)}): re-run `python -m qlora_lite eval {run_dir}`."]
+        return [f"{path.name} cannot be read ({error_line(e)}): re-run `python -m qlora_lite eval {rd}`."]
     if not examples:
-        return ["samples.md has no examples."]
-    return [f"The first {len(examples)} (all in samples.md).", ""] + [
+        return [f"{path.name} has no examples."]
+    return [f"The first {len(examples)} (all in {path.name}).", ""] + [
         "### " + example.strip() + "\n" for example in examples
     ]
 

@@ -3,33 +3,34 @@
 Two explicit, parallel branches: decoder-only models train with TRL's `SFTTrainer` on examples we tokenized
 ourselves (labels already mask the prompt); encoder-decoder models (T5, BART) train with transformers'
 `Seq2SeqTrainer`, whose encoder sees only the prompt. Both log through the same callbacks: one JSON line per
-logged step in `metrics.jsonl`, and an `on_progress(dict)` hook the CLI renders.
+logged step in the run's metrics log, and typed progress events (events.py) the CLI renders.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import logging
 import math
 import signal
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
-from transformers import PrinterCallback, TrainerCallback
+from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
+from qlora_lite import events
 from qlora_lite.errors import BudgetError, UserError
 from qlora_lite.model import LoadedModel
 from qlora_lite.recipe import TrainRecipe
-from qlora_lite.report import append_jsonl, read_jsonl
-
-log = logging.getLogger(__name__)
+from qlora_lite.rundir import RunDir, append_jsonl
 
 CUDA_ONLY_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit")
+# transformers 5.2x renamed TrainingArguments.gradient_checkpointing (the old name warns, and goes in 6); the oldest
+# transformers the pins allow has only the old name.
+CHECKPOINTING_ARGUMENT = next(name for name in ("activation_checkpointing", "gradient_checkpointing")
+                              if name in TrainingArguments.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class TrainResult:
     last_loss: float | None
     train_seconds: float
     tokens_per_s: float
-    saved_dir: Path  # run_dir/adapter (PEFT format), or run_dir/model for full fine-tuning
+    saved_dir: Path  # the run's adapter (PEFT format), or its whole model for full fine-tuning
     max_steps: int = 0  # the steps the trainer planned (epochs counted as it counts them)
     interrupted: bool = False  # Ctrl-C: stopped after `steps` with a checkpoint
 
@@ -85,7 +86,7 @@ def _common_args(train: TrainRecipe, loaded: LoadedModel, checkpoints: Path, has
         bf16=loaded.compute_dtype == torch.bfloat16 and loaded.device == "cuda",
         fp16=loaded.compute_dtype == torch.float16 and loaded.device == "cuda",
         use_cpu=loaded.device == "cpu",
-        gradient_checkpointing=False,
+        **{CHECKPOINTING_ARGUMENT: False},  # set up on the model already (model.py); TRL's default is on
         report_to="none",
         disable_tqdm=True,
         include_num_input_tokens_seen="all",
@@ -95,21 +96,19 @@ def _common_args(train: TrainRecipe, loaded: LoadedModel, checkpoints: Path, has
 
 
 class MetricsLog(TrainerCallback):
-    """Appends one JSON object per logged step to metrics.jsonl and forwards it to the progress hook."""
+    """Appends one JSON object per logged step to the metrics log and tells `notify` of each step."""
 
-    def __init__(self, path: Path, on_progress: Callable[[dict], None] | None):
-        self.path, self.on_progress = path, on_progress
+    def __init__(self, path: Path, notify: events.Notify):
+        self.path, self.notify = path, notify
         self.start = time.monotonic()
         self.start_tokens = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start, self.start_tokens = time.monotonic(), state.num_input_tokens_seen
-        if self.on_progress:
-            self.on_progress({"event": "begin", "step": state.global_step, "max_steps": state.max_steps})
+        self.notify(events.TrainingStarted(state.global_step, state.max_steps))
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.on_progress:
-            self.on_progress({"event": "step", "step": state.global_step, "max_steps": state.max_steps})
+        self.notify(events.StepDone(state.global_step, state.max_steps))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
@@ -120,8 +119,12 @@ class MetricsLog(TrainerCallback):
         if "train_loss" in logs:  # the closing summary, not a step
             row["event"] = "end"
         append_jsonl(self.path, row)
-        if self.on_progress:
-            self.on_progress({"event": "log", "max_steps": state.max_steps, **row})
+        if "loss" in row or "eval_loss" in row:
+            self.notify(events.StepLogged(
+                step=row["step"], max_steps=state.max_steps, loss=row.get("loss"),
+                learning_rate=row.get("learning_rate"), tokens_per_s=row["tokens_per_s"], elapsed_s=elapsed,
+                eval_loss=row.get("eval_loss"),
+            ))
 
 
 class RateOnResume(TrainerCallback):
@@ -145,15 +148,14 @@ class StopOnCtrlC(TrainerCallback):
     """The first Ctrl-C ends training after the current optimizer step, with a checkpoint to resume from (a step
     on a consumer GPU takes seconds; an hour since the last save_steps is not lost). A second one stops at once."""
 
-    def __init__(self, on_progress: Callable[[dict], None] | None):
-        self.on_progress = on_progress
+    def __init__(self, notify: events.Notify):
+        self.notify = notify
         self.requested = False
 
     def request(self, signum, frame) -> None:
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C raises KeyboardInterrupt
-        if self.on_progress:
-            self.on_progress({"event": "interrupt"})
+        self.notify(events.StopRequested())
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested:
@@ -172,9 +174,9 @@ class StopOnCtrlC(TrainerCallback):
             signal.signal(signal.SIGINT, previous)
 
 
-def build_trainer(loaded: LoadedModel, train_ds, eval_ds, train: TrainRecipe, run_dir: Path, callbacks: list):
+def build_trainer(loaded: LoadedModel, train_ds, eval_ds, train: TrainRecipe, rd: RunDir, callbacks: list):
     """The decoder-only (SFTTrainer) or encoder-decoder (Seq2SeqTrainer) trainer for this model."""
-    common = _common_args(train, loaded, run_dir / "checkpoints", eval_ds is not None)
+    common = _common_args(train, loaded, rd.checkpoints_dir, eval_ds is not None)
     if loaded.is_encoder_decoder:
         from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
@@ -213,21 +215,21 @@ def train(
     train_ds,
     eval_ds,
     train: TrainRecipe,
-    run_dir: Path,
+    rd: RunDir,
     *,
     resume: bool = False,
-    on_progress: Callable[[dict], None] | None = None,
+    notify: events.Notify = events.ignore,
     callbacks: list = (),
 ) -> TrainResult:
     """Train, save the adapter (PEFT format) or the full model, with the tokenizer, return what happened."""
     torch.manual_seed(train.seed)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", on_progress)
-    ctrl_c = StopOnCtrlC(on_progress)
-    trainer = build_trainer(loaded, train_ds, eval_ds, train, run_dir, [metrics, RateOnResume(), ctrl_c, *callbacks])
-    trainer.remove_callback(PrinterCallback)  # it prints every log dict; the progress hook replaces it
-    checkpoint = last_checkpoint(run_dir) if resume else None
+    metrics = MetricsLog(rd.metrics, notify)
+    ctrl_c = StopOnCtrlC(notify)
+    trainer = build_trainer(loaded, train_ds, eval_ds, train, rd, [metrics, RateOnResume(), ctrl_c, *callbacks])
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; the events replace it
+    checkpoint = rd.last_checkpoint() if resume else None
     started = time.monotonic()
-    saved_dir = trained_dir(run_dir, loaded.model)
+    saved_dir = rd.saved_dir(hasattr(loaded.model, "peft_config"))
     out_of_memory = False
     try:
         with ctrl_c.installed():
@@ -235,7 +237,7 @@ def train(
     except torch.OutOfMemoryError:
         out_of_memory = True  # handled below, once the exception's frames (and the activations they hold) are gone
     if out_of_memory:
-        last = save_after_out_of_memory(trainer, loaded, run_dir)
+        last = save_after_out_of_memory(trainer, loaded, rd, saved_dir)
         raise BudgetError(
             f"CUDA out of memory during step {trainer.state.global_step + 1}; weights saved to {saved_dir}"
             + (f" and a checkpoint to {last}" if last else " (no step had finished: nothing to resume)")
@@ -244,7 +246,7 @@ def train(
         )
     seconds = time.monotonic() - started
     save_trained(loaded, saved_dir)
-    losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r and r.get("event") != "end"]
+    losses = [loss for _, loss in rd.losses()]
     tokens = trainer.state.num_input_tokens_seen - (metrics.start_tokens or 0)  # this session's (resumed: not before)
     return TrainResult(
         steps=trainer.state.global_step,
@@ -258,7 +260,7 @@ def train(
     )
 
 
-def save_after_out_of_memory(trainer, loaded: LoadedModel, run_dir: Path) -> Path | None:
+def save_after_out_of_memory(trainer, loaded: LoadedModel, rd: RunDir, saved_dir: Path) -> Path | None:
     """Free what the failed step held, save the weights, and checkpoint the last finished step to resume from.
 
     Out of memory strikes in a step's forward or backward pass, before its optimizer update, so the weights,
@@ -266,33 +268,13 @@ def save_after_out_of_memory(trainer, loaded: LoadedModel, run_dir: Path) -> Pat
     loaded.model.zero_grad(set_to_none=True)  # the failed step's partly accumulated gradients
     gc.collect()
     torch.cuda.empty_cache()
-    save_trained(loaded, trained_dir(run_dir, loaded.model))
+    save_trained(loaded, saved_dir)
     step = trainer.state.global_step
-    if step and not (run_dir / "checkpoints" / f"checkpoint-{step}").is_dir():
+    if step and not rd.checkpoint(step).is_dir():
         trainer._save_checkpoint(trainer.model, trial=None)  # what Trainer writes every save_steps
-    return last_checkpoint(run_dir)
-
-
-def trained_dir(run_dir: Path, model) -> Path:
-    """Where a run keeps what it trained: adapter/ for PEFT models, model/ for a fully fine-tuned one."""
-    return run_dir / ("adapter" if hasattr(model, "peft_config") else "model")
+    return rd.last_checkpoint()
 
 
 def save_trained(loaded: LoadedModel, out_dir: Path) -> None:
     loaded.model.save_pretrained(out_dir)
     loaded.tokenizer.save_pretrained(out_dir)
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """The run's checkpoints, oldest step first."""
-    return sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-
-
-def last_checkpoint(run_dir: Path) -> Path | None:
-    found = checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return read_jsonl(path)[0] if path.is_file() else []  # a half-written line (a killed run) skipped

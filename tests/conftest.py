@@ -57,16 +57,18 @@ def corpus() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer Llama whose tokenizer has no pad token: the trainer must fall back to pad = eos safely."""
+    tokenizer = train_tokenizer(corpus(), bos=True, specials=["<unk>", "<s>", "</s>"])
+    return save_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def save_llama(out: Path, tokenizer, **sizes) -> Path:
+    """A random-weight Llama of these sizes with `tokenizer`, saved as from_pretrained reads it (seed 0)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = train_tokenizer(corpus(), bos=True, specials=["<unk>", "<s>", "</s>"])
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
-    )
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, **sizes)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -117,14 +119,18 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def recipe_text(model_dir: Path, data_dir: Path, out_dir: Path, name: str = "t", **extra: str) -> str:
-    """A small, fast recipe; `extra` maps a section to extra lines, e.g. train='max_steps = 3'."""
+    """A small, fast recipe; `extra` maps a section to extra lines, e.g. train='max_steps = 3'.
+
+    It trains on the CPU whatever the machine: tests assert the CPU path (fp32 compute, adamw_torch, RSS instead of
+    GPU readings), which "auto" would swap for the GPU's on a CUDA machine. GPU tests override train.device."""
     sections = {
         "model": f'name = "{model_dir}"',
         "data": f'train = "{data_dir}/train.jsonl"\neval = "{data_dir}/validation.jsonl"\ntest = "{data_dir}/test.jsonl"',
         "prompt": 'template = "Summarize:\\n{dialogue}\\nSummary: "',
         "lora": "r = 8\nalpha = 16\ndropout = 0.0",
         "train": "max_steps = 12\nmicro_batch_size = 8\ngradient_accumulation_steps = 1\nlearning_rate = 5e-3\n"
-                 "warmup_ratio = 0.0\nlogging_steps = 1\nsave_steps = 6\nlr_scheduler = \"constant\"\nmax_length = 128",
+                 "warmup_ratio = 0.0\nlogging_steps = 1\nsave_steps = 6\nlr_scheduler = \"constant\"\nmax_length = 128\n"
+                 'device = "cpu"',
         "eval": "enabled = false",
         "output": f'dir = "{out_dir}"',
     }

@@ -9,14 +9,15 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from qlora_lite import memory, monitor
+from qlora_lite import events, memory, monitor
 from qlora_lite.memory import GIB
 from qlora_lite import model as model_stage
 from qlora_lite import train as train_stage
 from qlora_lite.cli import main
 from qlora_lite.errors import BudgetError
 from qlora_lite.run import run
-from qlora_lite.train import last_checkpoint, read_metrics, train
+from qlora_lite.rundir import RunDir
+from qlora_lite.train import train
 from test_train import make_recipe, train_directly
 
 
@@ -34,7 +35,8 @@ def test_cli_refusal_exits_3(tmp_path, tiny_llama, tiny_data, capsys):
     recipe = make_recipe(tmp_path, tiny_llama, tiny_data)
     path = tmp_path / "t.toml"
     assert main(["run", str(path), "--set", "budget.gpu_memory_gib=0.5"]) == 3
-    assert "budget" in capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())  # rich folds long lines
+    assert "exceeds the budget of 0.5 GiB" in err and "Traceback" not in err
     assert not recipe.run_dir.exists()
 
 
@@ -123,9 +125,10 @@ def test_auto_fit_shrinks_the_micro_batch_and_keeps_the_effective_batch(tmp_path
     budget = (peak_big + peak_small) / 2
     recipe = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=[
         "train.max_steps=2", f"budget.gpu_memory_gib={budget}", "budget.auto_fit=true"])
-    events = {}
-    result = run(recipe, notify=lambda e, p: events.setdefault(e, p))
-    assert "micro_batch_size 8 →" in events["auto_fit"]
+    seen = []
+    result = run(recipe, notify=seen.append)
+    (fitted,) = [e for e in seen if isinstance(e, events.AutoFitted)]
+    assert "micro_batch_size 8 →" in fitted.change
     saved = (result.run_dir / "recipe.toml").read_text()
     train_saved = [line for line in saved.splitlines() if line.startswith(("micro_batch", "gradient_acc"))]
     micro, accum = (int(line.split("=")[1]) for line in train_saved)
@@ -148,11 +151,11 @@ def test_budget_crossed_mid_run_stops_with_adapter_and_checkpoint(tmp_path, tiny
     assert "budget crossed at step 4" in str(e.value) and "--resume" in str(e.value)
     d = recipe.run_dir
     assert (d / "adapter" / "adapter_model.safetensors").is_file()
-    assert last_checkpoint(d).name == "checkpoint-4"
+    assert RunDir(d).last_checkpoint().name == "checkpoint-4"
     report = json.loads((d / "memory_report.json").read_text())
     assert report["measured"]["process_peak_gib"] == 3.0 and report["budget_gib"] == 2.0
     assert report["headroom_gib"] == pytest.approx(-1.0)
-    steps = [r["step"] for r in read_metrics(d) if "loss" in r and r.get("event") != "end"]
+    steps = [r["step"] for r in RunDir(d).metrics_rows() if "loss" in r and r.get("event") != "end"]
     assert steps[-1] == 4
 
 
@@ -190,13 +193,13 @@ def test_out_of_memory_mid_run_saves_a_checkpoint_that_resumes_with_a_smaller_mi
     assert "out of memory during step 6" in message and "checkpoint-5" in message and "--resume" in message
     assert (recipe.run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (recipe.run_dir / "memory_report.json").is_file()
-    assert last_checkpoint(recipe.run_dir).name == "checkpoint-5"
+    assert RunDir(recipe.run_dir).last_checkpoint().name == "checkpoint-5"
 
     monkeypatch.undo()  # the smaller micro-batch fits: same effective batch, continue from checkpoint-5
     smaller = make_recipe(tmp_path, tiny_llama, tiny_data,
                           overrides=["train.micro_batch_size=4", "train.gradient_accumulation_steps=2"])
     result = run(smaller, resume=True)
-    steps = [r["step"] for r in read_metrics(result.run_dir) if "loss" in r and r.get("event") != "end"]
+    steps = [r["step"] for r in RunDir(result.run_dir).metrics_rows() if "loss" in r and r.get("event") != "end"]
     assert steps == list(range(1, 13)) and result.train.steps == 12  # no step lost, none repeated
 
 
@@ -207,22 +210,33 @@ def test_out_of_memory_in_the_first_step_says_there_is_nothing_to_resume(
     recipe = make_recipe(tmp_path, tiny_llama, tiny_data)
     with pytest.raises(BudgetError, match="nothing to resume") as e:
         run(recipe)
-    assert "--resume" not in str(e.value) and last_checkpoint(recipe.run_dir) is None
+    assert "--resume" not in str(e.value) and RunDir(recipe.run_dir).last_checkpoint() is None
 
 
 def test_warn_keeps_training(tmp_path, tiny_llama, tiny_data):
     recipe = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=["train.max_steps=4"])
     loaded, ds = train_directly(recipe)
-    events = []
+    seen = []
     watcher = monitor.MemoryMonitor(recipe.run_dir / "memory.jsonl", monitor.Probe("cpu"), 1.0, "warn",
-                                    notify=lambda e, p: events.append(e), measure=lambda p: {"process_used_gib": 5.0})
-    result = train(loaded, ds, None, recipe.train, recipe.run_dir, callbacks=[watcher])
-    assert result.steps == 4 and events == ["budget_exceeded"]  # warned once, did not stop
+                                    notify=seen.append, measure=lambda p: {"process_used_gib": 5.0})
+    result = train(loaded, ds, None, recipe.train, RunDir(recipe.run_dir), callbacks=[watcher])
+    crossed = [e for e in seen if isinstance(e, events.BudgetCrossed)]
+    assert result.steps == 4 and crossed == [events.BudgetCrossed(1, 5.0, 1.0, stopping=False)]  # warned once
 
 
-def test_monitor_without_nvml_or_gpu_records_rss_and_says_what_is_missing(tmp_path, tiny_llama, tiny_data):
-    probe = monitor.open_probe("cuda")  # no NVML library here
-    assert any("NVML" in note for note in probe.missing)
+def test_monitor_without_nvml_or_gpu_records_rss_and_says_what_is_missing(tmp_path, tiny_llama, tiny_data,
+                                                                          monkeypatch):
+    """A GPU machine without the NVML library (faked: a CUDA machine has it), then a run on the CPU."""
+    import pynvml
+
+    def no_library():
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", no_library)
+    probe = monitor.open_probe("cuda")
+    assert probe.nvml_handle is None
+    assert probe.missing == ["device memory used, utilization, temperature, power: NVML unavailable "
+                             "(NVMLError_LibraryNotFound); torch.cuda counters recorded"]
     cpu = monitor.open_probe("cpu")
     assert cpu.missing and "CPU" in cpu.missing[0]
     row = monitor.sample(cpu)
@@ -231,7 +245,7 @@ def test_monitor_without_nvml_or_gpu_records_rss_and_says_what_is_missing(tmp_pa
     recipe = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=["train.max_steps=3"])
     result = run(recipe)
     d = result.run_dir
-    rows = monitor.read_samples(d)
+    rows = RunDir(d).memory_samples()
     assert [r["step"] for r in rows] == [0, 1, 2, 3] and all(r["rss_gib"] > 0 for r in rows)
     report = json.loads((d / "memory_report.json").read_text())
     assert report["peak_source"] == "predicted" and report["missing"] == cpu.missing
@@ -276,3 +290,13 @@ def test_monitor_on_a_gpu_reads_each_figure_and_survives_one_nvml_refuses(monkey
     monkeypatch.setattr(pynvml, "nvmlDeviceGetComputeRunningProcesses", lambda h: [other, mine])
     row = monitor.sample(probe)
     assert row["process_used_gib"] == 6.5 and monitor.footprint_gib(row) == 6.5
+
+
+def test_report_without_nvml_counts_the_footprint_the_budget_stopped_on():
+    """No NVML figure (a container): the budget stops on the allocator's peak reserve plus the CUDA context, and
+    the report must say the same, not show the plan's headroom for a run the budget stopped."""
+    samples = [{"step": 0, "cuda_peak_reserved_gib": 1.0}, {"step": 2, "cuda_peak_reserved_gib": 3.0}]
+    assert monitor.footprint_gib(samples[-1]) == 3.0 + memory.CUDA_CONTEXT_GIB > 3.2  # what stopped the run
+    report = monitor.memory_report(None, samples, budget_gib=3.2, missing=[])
+    assert report["peak_source"] == "measured" and report["peak_gib"] == 3.0 + memory.CUDA_CONTEXT_GIB
+    assert report["headroom_gib"] == pytest.approx(3.2 - 3.5)

@@ -4,7 +4,8 @@ import json
 import os
 
 from conftest import recipe_text
-from qlora_lite.cli import main
+from qlora_lite import events
+from qlora_lite.cli import TrainingView, main
 
 
 def test_run_evaluates_merges_and_reports_then_subcommands_work(tmp_path, tiny_llama, tiny_data, capsys):
@@ -15,6 +16,13 @@ def test_run_evaluates_merges_and_reports_then_subcommands_work(tmp_path, tiny_l
     assert main(["run", str(path)]) == 0
     out = capsys.readouterr().out
     assert "rougeL" in out and "matches" in out
+    # Not a terminal (a log file, nohup, tee): a plain line per logged step instead of a live bar.
+    steps = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in steps] == [f"{i}/12" for i in range(1, 13)]  # logging_steps = 1
+    assert all(" loss " in s and " lr " in s and "tok/s" in s and "RSS" in s and "ETA" in s for s in steps)
+    # The settings that differ from the defaults, and where all of them are; not the ~80-line resolved recipe.
+    assert "train.max_steps = 12" in out and str(tmp_path / "runs" / "full" / "recipe.toml") in out
+    assert "save_total_limit" not in out
     d = tmp_path / "runs" / "full"
     result = json.loads((d / "eval.json").read_text())
     assert result["n"] == 4 and set(result["base"]) >= {"rouge1", "rouge2", "rougeL", "rougeLsum", "bleu"}
@@ -55,3 +63,13 @@ def test_no_route_to_the_hub_means_offline_mode_at_once(monkeypatch):
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.invalid:3128")  # a proxy resolves names: leave it
     monkeypatch.delenv("HF_HUB_OFFLINE")
     assert not work_offline_without_network()
+
+
+def test_each_logged_step_is_one_plain_line_with_memory_and_an_eta_from_where_training_resumed(capsys):
+    view = TrainingView()
+    assert not view.live  # pytest captures stdout: not a terminal
+    view.notify(events.TrainingStarted(step=4, max_steps=10))  # resumed at step 4
+    view.notify(events.MemorySampled(step=6, gib=1.5, on_gpu=True))
+    view.notify(events.StepLogged(step=6, max_steps=10, loss=1.25, learning_rate=2e-4, tokens_per_s=1234.0,
+                                  elapsed_s=20.0))  # 2 steps in 20 s: 4 more take 40 s
+    assert capsys.readouterr().out == "step 6/10  loss 1.2500  lr 2.00e-04  1,234 tok/s  GPU 1.50 GiB  ETA 0:40\n"

@@ -16,6 +16,7 @@ from qlora_lite.evaluate import (
     split_sentences, text_chunks,
 )
 from qlora_lite.recipe import load_recipe, recipe_to_toml
+from qlora_lite.rundir import RunDir
 from qlora_lite.train import train
 
 EVAL_SETTINGS = ["eval.max_new_tokens=24", "eval.batch_size=4", "eval.max_samples=6"]
@@ -35,7 +36,7 @@ def make_run(tmp_path, model_dir, data_dir, *, steps=12, overrides=(), **extra):
     examples, _ = data_stage.build_examples(rows, loaded.tokenizer, recipe.data, recipe.prompt, recipe.train,
                                             loaded.is_encoder_decoder)
     model_stage.attach_lora(loaded, recipe.lora, recipe.train)
-    train(loaded, examples, None, recipe.train, recipe.run_dir)
+    train(loaded, examples, None, recipe.train, RunDir(recipe.run_dir))
     return recipe, loaded
 
 
@@ -122,6 +123,23 @@ def test_batched_generation_equals_one_at_a_time(model_fixture, request):
     out = model.generate(input_ids=ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     new = out[0, 1:] if seq2seq else out[0, ids.shape[1] :]
     assert one[0] == tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def test_prompt_tuned_generation_batches_only_prompts_of_one_length(tiny_llama):
+    """PEFT's prompt tuning drops the position ids that make left padding harmless: a padded row is read at
+    shifted positions. Batching prompts of one length only gives each row its own output."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    model, tokenizer = briefly_trained(tiny_llama, False)
+    torch.manual_seed(0)
+    model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    rows = make_rows(6, seed=5)
+    prompts = [tokenizer(r["dialogue"] + "\n")["input_ids"][:24 - 6 * (i % 3)] for i, r in enumerate(rows)]
+    assert sorted(map(len, prompts)) == [12, 12, 18, 18, 24, 24]  # three lengths, two prompts each
+    settings = dict(is_encoder_decoder=False, max_new_tokens=12)
+    one = generate(model, tokenizer, prompts, batch_size=1, **settings)
+    assert generate(model, tokenizer, prompts, batch_size=6, unpadded=True, **settings) == one
+    assert generate(model, tokenizer, prompts, batch_size=6, **settings) != one  # padded: why unpadded exists
 
 
 def test_pad_batch_pads_on_the_requested_side():

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from qlora_lite import export
+from qlora_lite import events, export
 from qlora_lite import model as model_stage
 from qlora_lite.errors import UserError
 from test_evaluate import make_run
@@ -119,9 +119,10 @@ def test_run_announces_the_base_its_merge_uses(tmp_path, tiny_llama, tiny_data):
 
     recipe = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=[
         "method.kind=lora", "train.max_steps=1", "export.merge=true", "export.dtype=fp32"])
-    events = {}
-    result = run(recipe, notify=lambda e, p: events.setdefault(e, p))
-    assert events["merging"]["base"] == result.merged.base == "original"
+    seen = []
+    result = run(recipe, notify=seen.append)
+    (merging,) = [e for e in seen if isinstance(e, events.Merging)]
+    assert merging.base == result.merged.base == "original"
 
 
 def test_refuses_a_non_empty_folder_unless_forced_and_keeps_other_files(tmp_path, tiny_llama, tiny_data):

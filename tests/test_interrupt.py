@@ -12,7 +12,7 @@ from conftest import recipe_text
 from qlora_lite import evaluate
 from qlora_lite import train as train_stage
 from qlora_lite.cli import main
-from qlora_lite.train import read_metrics
+from qlora_lite.rundir import RunDir
 
 EVAL = ["--set", "eval.enabled=true", "--set", "eval.max_samples=4", "--set", "eval.max_new_tokens=8"]
 
@@ -43,7 +43,7 @@ def ctrl_c_during_step(monkeypatch, step: int, times: int = 1):
 
 
 def logged_steps(run_dir):
-    return [r["step"] for r in read_metrics(run_dir) if "loss" in r and r.get("event") != "end"]
+    return [r["step"] for r in RunDir(run_dir).metrics_rows() if "loss" in r and r.get("event") != "end"]
 
 
 def test_first_ctrl_c_finishes_the_step_saves_a_checkpoint_and_resume_completes(tmp_path, tiny_llama, tiny_data,

@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten
 
 from qlora_lite.errors import UserError
 from qlora_lite.memory import (
-    GIB, GPU_CARDS, PLAN_KEYS, analyze, budget_gib, eval_transient, fit_to_budget, layer_bytes, load_model_config,
+    GIB, PLAN_KEYS, analyze, budget_gib, eval_transient, fit_to_budget, layer_bytes, load_model_config,
     loss_head_bytes, optimizer_bytes, phases, plan_from_arch, plan_memory, precision, step_bytes, train_transient,
 )
 from qlora_lite.model import attach_lora, attach_method, count_parameters, load_model
@@ -662,10 +662,8 @@ def test_large_vocabulary_logits_dominate_when_materialized():
 
 def test_budget_from_card_and_number():
     assert budget_gib(BudgetRecipe(gpu="rtx-3060-12gb")) == 12.0
-    assert budget_gib(BudgetRecipe(gpu="RTX-4090-24GB")) == 24.0
-    assert budget_gib(BudgetRecipe(gpu_memory_gib=10.5)) == 10.5
+    assert budget_gib(BudgetRecipe(gpu=" RTX-4090-24GB ")) == 24.0  # as people type card names
     assert budget_gib(BudgetRecipe()) is None
-    assert {"rtx-4060-ti-16gb", "t4-16gb", "a100-80gb", "h100-80gb"} <= set(GPU_CARDS)
 
 
 def test_compute_dtype_follows_the_card(tiny_llama, tiny_t5):
@@ -813,7 +811,7 @@ def test_config_from_gguf_in_a_package():
 
 
 def test_a_missing_gguf_file_gets_one_message_from_plan_and_from_loading(tmp_path):
-    from qlora_lite.model import resolve_model_source
+    from qlora_lite.source import resolve_model_source
 
     (tmp_path / "a.gguf").write_bytes(b"")
     model = ModelRecipe(name=str(tmp_path), gguf_file="b.gguf")

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from conftest import recipe_text
-from qlora_lite import compare as compare_stage
 from qlora_lite import export
 from qlora_lite import model as model_stage
 from qlora_lite.cli import main
 from qlora_lite.errors import UserError
-from qlora_lite.recipe import METHODS, RecipeError, load_recipe, parse_methods
-from qlora_lite.train import read_metrics, train
+from qlora_lite.methods import METHODS
+from qlora_lite.recipe import RecipeError, load_recipe, parse_methods
+from qlora_lite.rundir import RunDir
+from qlora_lite.train import train
 from test_train import losses, snapshot, train_directly
 
 EVAL = ["eval.enabled=true", "eval.max_samples=4", "eval.max_new_tokens=8", "eval.batch_size=4"]
@@ -31,7 +32,7 @@ def train_method(tmp_path, model_dir, data_dir, kind, overrides=()):
     recipe = make_recipe(tmp_path, model_dir, data_dir, kind, overrides=overrides)
     loaded, ds = train_directly(recipe)
     before = snapshot(loaded.model)
-    result = train(loaded, ds, None, recipe.train, recipe.run_dir)
+    result = train(loaded, ds, None, recipe.train, RunDir(recipe.run_dir))
     after = snapshot(loaded.model)
     moved = {n for n in before if not torch.equal(before[n], after[n])}
     return recipe, loaded, result, moved
@@ -153,7 +154,7 @@ def test_compare_writes_the_table_for_every_method(tmp_path, tiny_llama, tiny_da
     for kind, row in methods.items():
         recipe = load_recipe(out / kind / "recipe.toml")
         assert recipe.method.kind == kind and recipe.train.seed == 42 and recipe.train.max_steps == 4
-        assert row["learning_rate"] == pytest.approx(5e-3 * compare_stage.LR_SCALE[kind])
+        assert row["learning_rate"] == pytest.approx(5e-3 * METHODS[kind].lr_scale)
         assert 0 <= row["rougeL"] <= 1 and row["seconds_per_step"] > 0 and row["peak_gib"] > 0
     assert methods["full"]["trainable_params"] == methods["full"]["total_params"]
     assert methods["prompt_tuning"]["trainable_params"] < methods["qlora"]["trainable_params"]

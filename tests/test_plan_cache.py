@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import recipe_text
-from qlora_lite import memory
+from qlora_lite import memory, source
 from qlora_lite.memory import analyze, load_model_config, plan_from_arch, plan_memory, recipe_arch
 from qlora_lite.memory_arch import Arch
 from qlora_lite.recipe import LoraRecipe, MethodRecipe, ModelRecipe, Recipe
@@ -110,8 +110,8 @@ def test_key_of_hub_models_and_remote_code(tiny_llama, tmp_path, monkeypatch):
     shutil.copy(tiny_llama / "config.json", snapshot)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     config_sha = hashlib.sha256((tiny_llama / "config.json").read_bytes()).hexdigest()
-    assert memory.config_identity(ModelRecipe(name="org/tiny")) == config_sha
-    assert memory.config_identity(ModelRecipe(name="org/elsewhere")) is None
+    assert source.config_identity(ModelRecipe(name="org/tiny")) == config_sha
+    assert source.config_identity(ModelRecipe(name="org/elsewhere")) is None
     assert memory.arch_key(llama_recipe("org/tiny")) is not None
     assert memory.arch_key(Recipe(name="t", model=ModelRecipe(name="org/tiny", trust_remote_code=True))) is None
 

@@ -7,7 +7,7 @@ import pytest
 
 from qlora_lite.recipe import load_recipe
 from qlora_lite.run import run
-from qlora_lite.train import read_metrics
+from qlora_lite.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ def test_quickstart_recipe_trains_the_real_model(tmp_path, monkeypatch):
         "train.lr_scheduler=constant", "train.warmup_ratio=0.0", "train.logging_steps=1", "eval.enabled=false",
     ])
     result = run(recipe)
-    losses = [r["loss"] for r in read_metrics(result.run_dir) if "loss" in r and r.get("event") != "end"]
+    losses = [r["loss"] for r in RunDir(result.run_dir).metrics_rows() if "loss" in r and r.get("event") != "end"]
     assert len(losses) == 8
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2  # 4 rows seen four times each: the loss must fall
     assert (result.train.saved_dir / "adapter_model.safetensors").is_file()

@@ -65,11 +65,9 @@ def test_report_skips_what_is_missing(tmp_path, tiny_llama, tiny_data):
 
 
 def test_a_half_written_log_line_costs_neither_the_rows_before_nor_the_next_one(tmp_path):
-    from qlora_lite.monitor import read_samples
-    from qlora_lite.report import append_jsonl
-    from qlora_lite.train import read_metrics
+    from qlora_lite.rundir import RunDir, append_jsonl
 
     for name in ("metrics.jsonl", "memory.jsonl"):
         (tmp_path / name).write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # killed while writing
         append_jsonl(tmp_path / name, {"step": 2, "loss": 1.5})  # the resumed run's first row
-    assert read_metrics(tmp_path) == read_samples(tmp_path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    assert RunDir(tmp_path).metrics_rows() == RunDir(tmp_path).memory_samples() == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]

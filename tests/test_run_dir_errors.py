@@ -186,6 +186,6 @@ def test_forgetting_offline_hub_id_says_to_use_a_local_file(monkeypatch):
 def test_forgetting_is_cheap_to_check_twice_and_writes_nothing(tmp_path):
     (tmp_path / "general.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
     (tmp_path / "general.txt").write_text("Ana brings the cake.")
-    for name in ("general.jsonl", "general.txt"):
-        assert forgetting_texts(str(tmp_path / name)) == forgetting_texts(str(tmp_path / name))
+    for name, texts in (("general.jsonl", ["one", "two"]), ("general.txt", ["Ana brings the cake."])):
+        assert forgetting_texts(str(tmp_path / name)) == forgetting_texts(str(tmp_path / name)) == texts
     assert sorted(p.name for p in tmp_path.iterdir()) == ["general.jsonl", "general.txt"]

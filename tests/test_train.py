@@ -9,12 +9,14 @@ import torch
 
 from conftest import recipe_text
 from qlora_lite import data as data_stage
+from qlora_lite import events
 from qlora_lite import model as model_stage
 from qlora_lite.cli import main
 from qlora_lite.errors import UserError
 from qlora_lite.recipe import load_recipe
 from qlora_lite.run import run
-from qlora_lite.train import read_metrics, train
+from qlora_lite.rundir import RunDir
+from qlora_lite.train import train
 
 
 def make_recipe(tmp_path, model_dir, data_dir, name="t", overrides=(), **extra):
@@ -24,7 +26,7 @@ def make_recipe(tmp_path, model_dir, data_dir, name="t", overrides=(), **extra):
 
 
 def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r and r.get("event") != "end"]
+    return [r["loss"] for r in RunDir(run_dir).metrics_rows() if "loss" in r and r.get("event") != "end"]
 
 
 def falls(values: list[float]) -> bool:
@@ -55,7 +57,7 @@ def test_4bit_training_moves_only_lora_weights_and_loss_falls(model_fixture, req
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in loaded.model.modules())
     assert loaded.compute_dtype == torch.float32 and loaded.device == "cpu"
     before = snapshot(loaded.model)
-    result = train(loaded, ds, None, recipe.train, recipe.run_dir)
+    result = train(loaded, ds, None, recipe.train, RunDir(recipe.run_dir))
     after = snapshot(loaded.model)
     moved = {n for n in before if not torch.equal(before[n], after[n])}
     lora = {n for n, p in loaded.model.named_parameters() if "lora_" in n}
@@ -75,7 +77,7 @@ def test_encoder_never_sees_the_target(tmp_path, tiny_t5, tiny_data):
     encoder = loaded.model.get_base_model().get_encoder()
     encoder.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].clone()),
                                       with_kwargs=True)
-    train(loaded, ds, None, recipe.train, recipe.run_dir)
+    train(loaded, ds, None, recipe.train, RunDir(recipe.run_dir))
     assert seen
     for batch in seen:
         for ids in batch:
@@ -85,15 +87,18 @@ def test_encoder_never_sees_the_target(tmp_path, tiny_t5, tiny_data):
 
 def test_run_writes_the_run_directory(tmp_path, tiny_llama, tiny_data):
     recipe = make_recipe(tmp_path, tiny_llama, tiny_data)
-    events = []
-    result = run(recipe, notify=lambda e, p: events.append(e))
+    seen = []
+    result = run(recipe, notify=seen.append)
     d = result.run_dir
     assert load_recipe(d / "recipe.toml") == recipe  # fully resolved, reads back identically
     env = json.loads((d / "env.json").read_text())
     assert env["device"] == "cpu" and env["packages"]["peft"]
-    rows = read_metrics(d)
+    rows = RunDir(d).metrics_rows()
     assert all("step" in r for r in rows) and [r["step"] for r in rows if "loss" in r][:3] == [1, 2, 3]
-    assert {"recipe", "setup", "progress", "trained"} <= set(events)
+    kinds = {type(e) for e in seen}
+    assert {events.RecipeResolved, events.SetUp, events.StepLogged, events.Trained} <= kinds
+    logged = [e.step for e in seen if isinstance(e, events.StepLogged)]
+    assert logged == [r["step"] for r in rows if "loss" in r]  # one event per logged step, as metrics.jsonl
     assert result.trainable_params < result.total_params
 
 
@@ -179,7 +184,7 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_llama, tiny_da
     run(first)
     longer = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=["train.max_steps=18"])
     result = run(longer, resume=True)
-    steps = [r["step"] for r in read_metrics(result.run_dir) if "loss" in r and r.get("event") != "end"]
+    steps = [r["step"] for r in RunDir(result.run_dir).metrics_rows() if "loss" in r and r.get("event") != "end"]
     assert steps == list(range(1, 19))  # 1-12, then 13-18 from checkpoint-12: no step repeated
     assert result.train.steps == 18
 
@@ -259,7 +264,7 @@ def test_resume_with_more_steps_follows_the_new_schedule_from_the_first_resumed_
     before = adapter.read_bytes()
     longer = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=[*linear[:1], "train.max_steps=7"])
     result = run(longer, resume=True)
-    rates = {r["step"]: r["learning_rate"] for r in read_metrics(result.run_dir) if "learning_rate" in r}
+    rates = {r["step"]: r["learning_rate"] for r in RunDir(result.run_dir).metrics_rows() if "learning_rate" in r}
     assert rates[6] == pytest.approx(5e-3 * (1 - 5 / 6))  # the rate each step trained at, on a 6-step schedule
     assert rates[7] == pytest.approx(5e-3 * (1 - 6 / 7))  # on the 7-step schedule
     assert result.train.steps == 7 and adapter.read_bytes() != before  # step 7 moved the weights
@@ -293,7 +298,7 @@ def test_resume_with_a_new_learning_rate_trains_at_it_and_exports_again(tmp_path
                                                                     "train.learning_rate=1e-3"])
     result = run(lower, resume=True)  # its merged/ is replaced by the 8-step export (the merge refused the folder)
     assert result.merged.check.passed and merged.read_bytes() != six_steps
-    rates = {r["step"]: r["learning_rate"] for r in read_metrics(result.run_dir) if "learning_rate" in r}
+    rates = {r["step"]: r["learning_rate"] for r in RunDir(result.run_dir).metrics_rows() if "learning_rate" in r}
     assert rates[6] == pytest.approx(5e-3 * (1 - 5 / 6))
     assert rates[7] == pytest.approx(1e-3 * (1 - 6 / 8)) and rates[8] == pytest.approx(1e-3 * (1 - 7 / 8))
     assert json.loads((result.run_dir / "result.json").read_text())["learning_rate"] == 1e-3
