@@ -181,6 +181,7 @@ def cmd_report(args) -> int:
 
 def eval_table(result) -> Table:
     cut = f" ({result.prompts_truncated} prompts cut to fit train.max_length)" if result.prompts_truncated else ""
+    cut += "; base outputs from an identical earlier evaluation (cache)" if result.base_from_cache else ""
     table = Table(title=f"{result.split} split, {result.n} examples{cut}, greedy, max_new_tokens "
                         f"{result.max_new_tokens}; scores in % ({result.eval_json.name}: fractions)",
                   title_justify="left")
@@ -459,6 +460,13 @@ def setup_table(p: events.SetUp) -> Table:
         leak = (f"; [bold yellow]{held.in_train} of them also in the training data[/]: their scores measure "
                 f"memory, not generalization" if held.in_train else "")
         table.add_row("held out", f"{held.rows} rows of the {held.split} split for base vs tuned{leak}")
+    if p.expected_train_s is None:
+        table.add_row("expected time", "measured in this first run of this model and method here (the next "
+                                       "run's setup says how long; the progress shows an ETA)")
+    else:
+        evaluation = "" if p.expected_eval_s is None else f", evaluation up to ~{clock(p.expected_eval_s)}"
+        table.add_row("expected time", f"training ~{clock(p.expected_train_s)}{evaluation} (from the speed "
+                                       f"measured in earlier runs of this model and method here)")
     for note in p.not_measured:
         table.add_row("not measured", note)
     return table

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import hashlib
+import json
 import logging
 import math
 import re
@@ -32,6 +34,7 @@ from qlora_lite import model as model_stage
 from qlora_lite.errors import BudgetError, UserError, error_line
 from qlora_lite.recipe import DATA_FILE_SUFFIXES, Recipe
 from qlora_lite.rundir import RunDir, read_run
+from qlora_lite.source import library_versions, model_identity, read_cached, write_cached
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,7 @@ class EvalResult:
     eval_json: Path
     samples_md: Path
     prompts_truncated: int = 0  # held-out prompts whose input text was cut to fit, as training cut them
+    base_from_cache: bool = False  # the base model's outputs came from an identical earlier evaluation
 
 
 # ---------------------------------------------------------------- loading a finished run
@@ -273,7 +277,13 @@ def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str |
     log.info("generating for %d %s examples, base then tuned", len(rows), split)
     amp = model_stage.autocast(loaded.device, loaded.compute_dtype)
     soft_prompt = recipe.method.spec.trains == "soft prompt"
-    for which in ("base", "tuned"):
+    cache_key = base_cache_key(recipe, loaded, prompts, chunks)
+    cached = cache_key and read_cached("eval", cache_key)
+    if not (isinstance(cached, dict) and len(cached.get("texts", ())) == len(prompts) and "general_loss" in cached):
+        cached = None  # none, or damaged: generated again
+    if cached:  # the base model's outputs on these very inputs, from an earlier evaluation
+        texts["base"], general_loss["base"], seconds["base"] = cached["texts"], cached["general_loss"], 0.0
+    for which in ("tuned",) if cached else ("base", "tuned"):
         begun = time.monotonic()
         with base_model(loaded, recipe) if which == "base" else contextlib.nullcontext(model) as m, amp:
             texts[which] = generate(m, loaded.tokenizer, prompts, is_encoder_decoder=loaded.is_encoder_decoder,
@@ -283,6 +293,8 @@ def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str |
                 general_loss[which] = mean_token_loss(m, chunks, loaded.is_encoder_decoder, recipe.eval.batch_size)
             del m  # no reference left when base_model frees a reloaded base and empties the allocator cache
         seconds[which] = time.monotonic() - begun
+    if cache_key and not cached:
+        write_cached("eval", cache_key, {"texts": texts["base"], "general_loss": general_loss.get("base")})
     forgetting = None
     if chunks:
         forgetting = make_forgetting(recipe.eval.forgetting, len(chunks), general_loss["base"], general_loss["tuned"])
@@ -304,6 +316,7 @@ def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str |
             which: rouge_scores(texts[which], references, sentence_split=False)["rougeLsum"] for which in texts
         },
         "seconds": seconds,
+        "base_from_cache": bool(cached),
         "forgetting": asdict(forgetting) if forgetting else None,
     }
     rd.write_json(eval_json, report)
@@ -311,8 +324,34 @@ def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str |
     return EvalResult(
         split=split, n=len(rows), base=report["base"], tuned=report["tuned"], seconds=seconds["total"],
         max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size, forgetting=forgetting,
-        eval_json=eval_json, samples_md=samples_md, prompts_truncated=truncated,
+        eval_json=eval_json, samples_md=samples_md, prompts_truncated=truncated, base_from_cache=bool(cached),
     )
+
+
+def base_cache_key(recipe: Recipe, loaded: model_stage.LoadedModel, prompts: list[list[int]],
+                   chunks: list[list[int]] | None) -> str | None:
+    """A sha256 of everything the base model's generations and general-text loss depend on: the model's files,
+    how its base is loaded (4-bit or not, quantization, compute dtype, device), the prompt and general-text tokens
+    (the template, the held-out rows, the tokenizer and the truncation are all in them), the generation settings,
+    the library versions and this code. None where the model cannot be told apart cheaply (source.model_identity)."""
+    identity = model_identity(recipe.model)
+    if identity is None:
+        return None
+    q = recipe.quantization
+    parts = {
+        "model": identity,
+        "base": {"4bit": recipe.load_in_4bit, "quant_type": q.quant_type, "double_quant": q.double_quant,
+                 "reloaded": not recipe.has_adapter},  # full fine-tuning's base is loaded again, unquantized
+        "device": loaded.device, "compute_dtype": str(loaded.compute_dtype),
+        "gpu": torch.cuda.get_device_name() if loaded.device == "cuda" else None,
+        "prompts": prompts, "chunks": chunks,
+        "generation": [recipe.eval.max_new_tokens, recipe.eval.batch_size, loaded.tokenizer.eos_token_id,
+                       loaded.tokenizer.pad_token_id],
+        "versions": library_versions(),
+        "code": [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest() for m in (model_stage, data_stage)]
+        + [hashlib.sha256(Path(__file__).read_bytes()).hexdigest()],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def encode_prompts(rows: list[dict], recipe: Recipe, tokenizer, is_encoder_decoder: bool) -> tuple[list[list[int]], int]:

@@ -58,6 +58,8 @@ class SetUp:
     tokens_per_step: float
     not_measured: tuple[str, ...]  # figures this machine cannot give, with the reason
     held_out: HeldOut | None
+    expected_train_s: float | None = None  # from this machine's earlier runs of the model and method; None: first
+    expected_eval_s: float | None = None
 
 
 @dataclass(frozen=True)

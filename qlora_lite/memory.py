@@ -31,15 +31,11 @@ Gemma-style norms that cast back to bf16, packed batches.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import hashlib
-import importlib.metadata
-import importlib.util
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +43,7 @@ from qlora_lite.errors import UserError
 from qlora_lite.memory_arch import Arch, analyze
 from qlora_lite.methods import METHODS
 from qlora_lite.recipe import BudgetRecipe, Recipe
-from qlora_lite.source import cache_dir, config_identity, load_model_config
+from qlora_lite.source import config_identity, library_versions, load_model_config, read_cached, write_cached
 
 GIB = 1 << 30
 # Nominal memory in GiB: an "8 GB" card holds 8 GiB. nvidia-smi's total is up to 6% lower on some (T4 15.0,
@@ -122,14 +118,22 @@ def recipe_arch(recipe: Recipe) -> Arch:
     transformers and peft (seconds to import), and a GGUF config seconds more to parse; a cache hit needs none.
     The recipe's sequence lengths are checked against the model's positions here, where the skeleton is known."""
     key = arch_key(recipe)
-    arch = _read_arch(_arch_path(key)) if key is not None else None
+    arch = _read_arch(key) if key is not None else None
     if arch is None:
         arch = analyze(recipe, load_model_config(recipe.model))
         key = key or arch_key(recipe)  # a hub model's config.json is in the hub cache now
         if key is not None:
-            _write_arch(_arch_path(key), arch)
+            write_cached("plan", key, arch.to_json())
     check_context(recipe, arch)
     return arch
+
+
+def _read_arch(key: str) -> Arch | None:
+    """The cached Arch; None when missing, unreadable or corrupt (it is computed and written again)."""
+    try:
+        return Arch.from_json(read_cached("plan", key))
+    except (TypeError, KeyError, AttributeError):
+        return None
 
 
 def check_context(recipe: Recipe, arch: Arch) -> None:
@@ -161,42 +165,10 @@ def arch_key(recipe: Recipe) -> str | None:
     if identity is None:
         return None
     sections = [dataclasses.asdict(s) for s in (recipe.model, recipe.quantization, recipe.lora, recipe.method)]
-    versions = [_version(p) for p in ("torch", "transformers", "peft", "bitsandbytes")]
+    versions = library_versions()
     code = [hashlib.sha256((HERE / name).read_bytes()).hexdigest() for name in SKELETON_CODE]
     parts = [identity, sections, recipe.load_in_4bit, recipe.has_adapter, versions, code]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _arch_path(key: str) -> Path:
-    return cache_dir() / "plan" / f"{key}.json"
-
-
-def _read_arch(path: Path) -> Arch | None:
-    """The cached Arch; None when missing, unreadable or corrupt (it is computed and written again)."""
-    try:
-        return Arch.from_json(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None
-
-
-def _write_arch(path: Path, arch: Arch) -> None:
-    """Atomically (a whole file or none, for a plan running beside this one); a cache that cannot be written is
-    skipped, never a failed plan."""
-    text, tmp = json.dumps(arch.to_json()), path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 # ---------------------------------------------------------------- byte model

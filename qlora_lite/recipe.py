@@ -114,6 +114,8 @@ class TrainRecipe:
     max_source_length: int = _opt(512, lo=8, doc="encoder-decoder: prompt tokens")
     max_target_length: int = _opt(128, lo=2, doc="encoder-decoder: target tokens (with EOS)")
     gradient_checkpointing: bool = _opt(True, doc="recompute activations in backward to save memory")
+    group_by_length: bool = _opt(False, doc="batch sequences of similar length (less padding; the loss curve "
+                                            "zigzags more)")
     optimizer: Literal[
         "auto", "adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit", "adafactor"
     ] = _opt("auto", doc="auto = paged_adamw_8bit on CUDA, adamw_torch on CPU")

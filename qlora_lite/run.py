@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
+import json
 import os
 import platform
 import time
@@ -23,6 +25,7 @@ from qlora_lite import train as train_stage
 from qlora_lite.errors import BudgetError, Interrupted, UserError
 from qlora_lite.recipe import SECTIONS, Recipe, changed_settings
 from qlora_lite.rundir import RunDir, check_checkpoint, interrupted_message
+from qlora_lite.source import library_versions, model_identity, read_cached, write_cached
 
 # Sections whose change makes a checkpoint meaningless: resuming with them changed is refused.
 FROZEN_ON_RESUME = ("model", "data", "prompt", "method", "quantization", "lora")
@@ -87,13 +90,19 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
     effective_batch = recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps
     probe = monitor.open_probe(loaded.device)
     leaked = data_stage.rows_also_in(held_out, splits["train"], recipe.data.input_column) if held_out else 0
+    tokens_per_step = stats.tokens_total / stats.rows * effective_batch
+    speed_key = measured_speed_key(recipe, loaded)
+    speed = (speed_key and read_cached("speed", speed_key)) or {}
     notify(events.SetUp(
         device=loaded.device, compute_dtype=str(loaded.compute_dtype).removeprefix("torch."),
         trainer="encoder-decoder (Seq2SeqTrainer)" if loaded.is_encoder_decoder else "decoder-only (SFTTrainer)",
         method=recipe.method.kind, optimizer=optimizer, trainable_params=trainable, total_params=total, data=stats,
         effective_batch=effective_batch, steps=steps, epochs=steps * effective_batch / stats.rows,
-        tokens_per_step=stats.tokens_total / stats.rows * effective_batch, not_measured=tuple(probe.missing),
+        tokens_per_step=tokens_per_step, not_measured=tuple(probe.missing),
         held_out=events.HeldOut(held_out_split, len(held_out), leaked) if held_out else None,
+        expected_train_s=steps * tokens_per_step / speed["train_tokens_per_s"] if speed.get("train_tokens_per_s")
+        else None,
+        expected_eval_s=expected_eval_seconds(recipe, len(held_out), speed) if held_out else None,
     ))
 
     # Train, watching memory; a crossed budget stops with a checkpoint and the adapter saved.
@@ -114,6 +123,9 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
     if result.interrupted and result.steps < result.max_steps:
         raise Interrupted(interrupted_message(recipe))
     write_result(rd, recipe, result, trainable, total)  # training is complete: eval and merge may follow
+    if speed_key and result.steps:
+        speed = {**speed, "train_tokens_per_s": result.tokens_per_s}
+        write_cached("speed", speed_key, speed)
     if result.interrupted:  # Ctrl-C during the last step
         raise Interrupted(interrupted_message(recipe))
 
@@ -123,6 +135,10 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
         notify(events.Evaluating(recipe.eval.max_samples))
         evaluation = evaluate.evaluate_run(loaded, recipe, rd.path, train_rows=splits["train"])
         notify(events.Evaluated(evaluation))
+        if speed_key and not evaluation.base_from_cache:  # both models generated: a full evaluation's time
+            speed["eval_seconds_per_row"] = evaluation.seconds / evaluation.n
+            speed["eval_max_new_tokens"] = recipe.eval.max_new_tokens
+            write_cached("speed", speed_key, speed)
     merged = None
     skip = recipe.method.spec.not_merged
     if recipe.export.merge and skip:
@@ -147,6 +163,27 @@ def write_result(rd: RunDir, recipe: Recipe, result: train_stage.TrainResult, tr
         "tokens_per_s": result.tokens_per_s, "trainable_params": trainable, "total_params": total,
         "saved_dir": str(result.saved_dir),
     })
+
+
+def measured_speed_key(recipe: Recipe, loaded: model_stage.LoadedModel) -> str | None:
+    """Runs of one model and method on this machine's device, at one micro-batch, train and generate at about one
+    speed: the key under which a run keeps what it measured, so that the next run's setup says how long its
+    training and evaluation will take. None where the model cannot be told apart cheaply."""
+    identity = model_identity(recipe.model)
+    if identity is None:
+        return None
+    t = recipe.train
+    parts = [identity, recipe.method.kind, recipe.load_in_4bit, loaded.device, str(loaded.compute_dtype),
+             t.gradient_checkpointing, t.micro_batch_size, recipe.eval.batch_size, library_versions()]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def expected_eval_seconds(recipe: Recipe, rows: int, speed: dict) -> float | None:
+    """Base and tuned generation for `rows` held-out rows, at the measured time per row (generation time grows
+    with max_new_tokens); None before a first evaluation of this model here."""
+    if not speed.get("eval_max_new_tokens"):
+        return None
+    return rows * speed["eval_seconds_per_row"] * recipe.eval.max_new_tokens / speed["eval_max_new_tokens"]
 
 
 def plan_within_budget(recipe: Recipe, notify: events.Notify) -> tuple[Recipe, memory.MemoryPlan]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -24,8 +26,42 @@ CONFIG_FILE = "config.json"  # what transformers' save_pretrained writes beside 
 
 
 def cache_dir() -> Path:
-    """What qlora_lite computes once and keeps: converted GGUF models, analyzed skeletons."""
+    """What qlora_lite computes once and keeps: converted GGUF models, analyzed skeletons, base-model evaluations."""
     return Path(os.environ.get("QLORA_LITE_CACHE", Path.home() / ".cache" / "qlora_lite"))
+
+
+def read_cached(kind: str, key: str):
+    """The JSON value cached under cache_dir()/kind/key.json; None when missing, unreadable or corrupt (the caller
+    computes it again)."""
+    try:
+        return json.loads((cache_dir() / kind / f"{key}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_cached(kind: str, key: str, value) -> None:
+    """Atomically (a whole file or none, for a run beside this one); a cache that cannot be written is skipped,
+    never a failed run."""
+    path = cache_dir() / kind / f"{key}.json"
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(value))
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def library_versions() -> list[str | None]:
+    """The versions of the libraries whose change changes what a model computes (cache keys include them)."""
+    versions = []
+    for package in ("torch", "transformers", "peft", "bitsandbytes"):
+        try:
+            versions.append(importlib.metadata.version(package))
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(None)
+    return versions
 
 
 def model_source(name: str) -> str:
@@ -160,3 +196,23 @@ def _hub_config(repo_id: str) -> Path | None:
     except ValueError:  # not a valid repo id
         return None
     return Path(found) if isinstance(found, str) else None  # None: not cached; a sentinel: cached as missing
+
+
+def model_identity(model: ModelRecipe) -> str | None:
+    """What a model computes depends on, told apart without reading its weights: a GGUF file's path, size and
+    mtime, or those of every file in its folder (config, tokenizer, weights). None for remote code, or a hub model
+    not on disk: caches keyed on a model are then not used."""
+    if model.trust_remote_code:
+        return None
+    try:
+        if model.gguf_file is not None:
+            return f"gguf:{file_identity(gguf_path(model))}"
+        folder = Path(model_source(model.name))
+    except UserError:
+        return None
+    if not folder.is_dir():
+        config = _hub_config(str(folder))
+        if config is None:
+            return None
+        folder = config.parent  # the cached snapshot (its files link to the hub cache's blobs)
+    return "|".join(file_identity(p) for p in sorted(folder.iterdir()) if p.is_file())

@@ -77,6 +77,8 @@ def _common_args(train: TrainRecipe, loaded: LoadedModel, checkpoints: Path, has
         optim=pick_optimizer(train, loaded.device),
         seed=train.seed,
         data_seed=train.seed,
+        # Random batches of mixed lengths are padded to their longest: a third more compute on the quickstart's data
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         logging_steps=train.logging_steps,
         save_strategy="steps",
         save_steps=train.save_steps,

@@ -4,6 +4,7 @@ seconds, saved with save_pretrained so tests go through the real from_pretrained
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -13,6 +14,13 @@ NAMES = ["Ana", "Ben", "Chloe", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo"
 ITEMS = ["cake", "tickets", "keys", "charger", "map", "wine", "books", "tent", "ladder", "camera"]
 PLACES = ["station", "office", "park", "gym", "library", "market", "cafe", "school"]
 TIMES = ["noon", "five", "six", "seven", "eight", "nine", "ten", "midnight"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def own_cache(tmp_path_factory):
+    """qlora_lite's cache (analyzed skeletons, converted GGUF files, base-model evaluations) in a folder of the
+    test session's own: tests neither read what a user's runs cached nor leave anything in it."""
+    os.environ["QLORA_LITE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
 def make_rows(n: int, seed: int) -> list[dict]:

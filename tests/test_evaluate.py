@@ -1,6 +1,7 @@
 """Evaluation: ROUGE on strings checked by hand, batched greedy generation equal to one-at-a-time generation,
 base vs tuned on a trained tiny adapter, and the files evaluation writes."""
 
+import dataclasses
 import json
 import re
 
@@ -12,7 +13,7 @@ from qlora_lite import data as data_stage
 from qlora_lite import model as model_stage
 from qlora_lite.errors import UserError
 from qlora_lite.evaluate import (
-    bleu_score, encode_prompts, evaluate_run, forgetting_texts, generate, load_run, pad_batch, rouge_scores,
+    base_cache_key, bleu_score, encode_prompts, evaluate_run, forgetting_texts, generate, load_run, pad_batch, rouge_scores,
     split_sentences, text_chunks,
 )
 from qlora_lite.recipe import load_recipe, recipe_to_toml
@@ -184,6 +185,57 @@ def test_evaluate_run_compares_base_and_tuned_and_writes_its_files(model_fixture
     tuned = re.findall(r"\*\*Tuned:\*\* (.*)", samples)
     base = re.findall(r"\*\*Base:\*\* (.*)", samples)
     assert len(tuned) == len(base) == 6 and tuned != base
+
+    # The base model's outputs depend on none of the training: a second evaluation takes them from the cache, and
+    # says so; another generation setting generates them again.
+    assert not result.base_from_cache and not report["base_from_cache"]
+    again = evaluate_run(loaded, recipe, recipe.run_dir)
+    cached = json.loads((recipe.run_dir / "eval.json").read_text())
+    assert again.base_from_cache and cached["base_from_cache"] and cached["seconds"]["base"] == 0.0
+    assert cached["base"] == report["base"] and cached["tuned"] == report["tuned"]
+    assert cached["forgetting"] == report["forgetting"]
+    other = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, max_new_tokens=12))
+    assert not evaluate_run(loaded, other, recipe.run_dir).base_from_cache
+
+
+def test_a_cached_base_evaluation_is_reused_only_when_every_input_is_the_same(tmp_path, tiny_llama, tiny_data):
+    """base_cache_key: the same inputs give the same key; a change to any input the base outputs depend on (the
+    model's files, how the base is loaded, the prompts and general-text tokens, generation, the device) another."""
+    import os
+
+    path = tmp_path / "r.toml"
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for f in tiny_llama.iterdir():
+        (model_dir / f.name).write_bytes(f.read_bytes())
+    path.write_text(recipe_text(model_dir, tiny_data, tmp_path / "runs", name="r"))
+    recipe = load_recipe(path, EVAL_SETTINGS)
+    tokenizer = model_stage.load_tokenizer(str(model_dir))
+    loaded = model_stage.LoadedModel(None, tokenizer, False, "cpu", torch.float32, str(model_dir))
+    prompts, chunks = [[1, 5, 6], [1, 7]], [[8, 9, 10, 11]]
+    key = base_cache_key(recipe, loaded, prompts, chunks)
+    assert key == base_cache_key(load_recipe(path, EVAL_SETTINGS), loaded, [[1, 5, 6], [1, 7]], [[8, 9, 10, 11]])
+    assert key == base_cache_key(load_recipe(path, [*EVAL_SETTINGS, "lora.r=4", "train.learning_rate=1"]), loaded,
+                                 prompts, chunks)  # what training does is not the base's business
+
+    changed = {
+        "another 4-bit type": (load_recipe(path, [*EVAL_SETTINGS, "quantization.quant_type=fp4"]), loaded),
+        "no double quant": (load_recipe(path, [*EVAL_SETTINGS, "quantization.double_quant=false"]), loaded),
+        "a 16-bit base": (load_recipe(path, [*EVAL_SETTINGS, 'method.kind="lora"']), loaded),
+        "the base reloaded": (load_recipe(path, [*EVAL_SETTINGS, 'method.kind="full"']), loaded),
+        "max_new_tokens": (load_recipe(path, [*EVAL_SETTINGS, "eval.max_new_tokens=25"]), loaded),
+        "batch size": (load_recipe(path, [*EVAL_SETTINGS, "eval.batch_size=3"]), loaded),
+        "compute dtype": (recipe, dataclasses.replace(loaded, compute_dtype=torch.bfloat16)),
+    }
+    keys = {what: base_cache_key(r, l, prompts, chunks) for what, (r, l) in changed.items()}
+    keys["a prompt token"] = base_cache_key(recipe, loaded, [[1, 5, 6], [1, 8]], chunks)
+    keys["general text"] = base_cache_key(recipe, loaded, prompts, [[8, 9, 10, 12]])
+    keys["no general text"] = base_cache_key(recipe, loaded, prompts, None)
+    weights = model_dir / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # the weights rewritten
+    keys["the model's weights"] = base_cache_key(recipe, loaded, prompts, chunks)
+    assert len(set(keys.values()) | {key}) == len(keys) + 1, keys
+    assert base_cache_key(load_recipe(path, ["model.trust_remote_code=true"]), loaded, prompts, chunks) is None
 
 
 def test_held_out_prompts_cut_to_fit_are_counted(tmp_path, tiny_llama, tiny_data):

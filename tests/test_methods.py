@@ -119,6 +119,8 @@ def test_full_fine_tuning_frees_the_reloaded_base_before_emptying_the_cache(tmp_
     import sys
     import weakref
 
+    monkeypatch.setenv("QLORA_LITE_CACHE", str(tmp_path / "cache"))  # the base is generated, not taken from a cache
+
     from qlora_lite import evaluate
 
     recipe = make_recipe(tmp_path, tiny_llama, tiny_data, "full", overrides=EVAL)

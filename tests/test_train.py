@@ -1,13 +1,14 @@
 """Training on tiny 4-bit models: the loss falls, only LoRA weights move, the encoder never sees the target,
 runs resume from their checkpoint and are never overwritten."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import recipe_text
+from conftest import make_rows, recipe_text, write_jsonl
 from qlora_lite import data as data_stage
 from qlora_lite import events
 from qlora_lite import model as model_stage
@@ -321,3 +322,45 @@ def test_resume_names_a_damaged_last_checkpoint_and_the_one_before_it(tmp_path, 
 
     shutil.rmtree(last)
     assert run(longer, resume=True).train.steps == 14
+
+
+def test_a_second_run_of_a_model_says_how_long_it_will_take_and_reuses_the_base_evaluation(tmp_path, tiny_llama,
+                                                                                           tiny_data, monkeypatch):
+    """The first run measures its speed; the next run of the same model and method is told, in its setup, how
+    long training and evaluation will take, and takes the base model's outputs from the cache."""
+    monkeypatch.setenv("QLORA_LITE_CACHE", str(tmp_path / "cache"))  # nothing measured by the tests before
+    first = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=[
+        "eval.enabled=true", "eval.max_samples=4", "eval.max_new_tokens=8", "train.max_steps=4"])
+    setups = []
+    keep = lambda e: setups.append(e) if isinstance(e, events.SetUp) else None  # noqa: E731
+    before = run(first, notify=keep)
+    after = run(dataclasses.replace(first, name="second"), notify=keep)
+    assert setups[0].expected_train_s is None and setups[0].expected_eval_s is None  # nothing measured yet
+    assert 0 < setups[1].expected_train_s < 600 and 0 < setups[1].expected_eval_s < 600
+    assert not before.evaluation.base_from_cache and after.evaluation.base_from_cache
+    assert after.evaluation.base == before.evaluation.base
+
+
+def test_group_by_length_batches_sequences_of_similar_length(tmp_path, tiny_llama):
+    """Random batches are padded to their longest sequence; train.group_by_length batches similar lengths."""
+    from qlora_lite.train import build_trainer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = make_rows(64, seed=1)
+    for i, row in enumerate(rows):  # dialogues of 1 to 4 repeats: lengths from ~40 to ~150 tokens
+        row["dialogue"] = "\n".join([row["dialogue"]] * (1 + i % 4))
+    write_jsonl(data / "train.jsonl", rows)
+    write_jsonl(data / "validation.jsonl", rows[:4])
+    write_jsonl(data / "test.jsonl", rows[:4])
+    padding = {}
+    for grouped in (False, True):
+        recipe = make_recipe(tmp_path, tiny_llama, data, name=f"g{grouped}", overrides=[
+            f"train.group_by_length={str(grouped).lower()}", "train.micro_batch_size=4", "train.max_length=256"])
+        loaded, ds = train_directly(recipe)
+        trainer = build_trainer(loaded, ds, None, recipe.train, RunDir(recipe.run_dir), [])
+        batches = list(trainer.get_train_dataloader())
+        real = sum(int(b["attention_mask"].sum()) for b in batches)
+        assert real == sum(map(len, ds["input_ids"]))  # every example once
+        padding[grouped] = sum(b["attention_mask"].numel() for b in batches) / real - 1
+    assert padding[True] < padding[False] / 3 and padding[False] > 0.2, padding  # measured: 0.08 and 0.34

@@ -1,9 +1,11 @@
 """Where the time of one run goes: each phase of `run`, timed from its events, as a table.
 
-    python tools/time_phases.py [RECIPE] [--set section.key=value ...] [--runs N] [--json]
+    python tools/time_phases.py [RECIPE] [--set section.key=value ...] [--runs N] [--cold] [--json]
 
 RECIPE defaults to recipes/quickstart.toml. Each run trains into a fresh folder under a temporary output.dir
-(deleted afterwards), so nothing of yours is touched. With --runs N the table shows each run and the median. The
+(deleted afterwards), so nothing of yours is touched. --cold gives each run an empty cache (QLORA_LITE_CACHE), as
+on a new machine: the GGUF conversion, the plan's skeleton and the base model's evaluation are all computed;
+without it, runs after the first reuse them. With --runs N the table shows each run and the median. The
 phases follow the order of run.py: recipe and plan; data, model load and adapter; trainer set-up and training;
 evaluation (base and tuned generation and the forgetting probe, from eval.json's own timing); merge and its check;
 the report. Time is wall time on this machine: run it with nothing else running.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -28,8 +31,10 @@ PHASES = ("start, recipe, plan", "data, model load, adapter", "trainer set-up", 
           "  of which base", "  of which tuned", "merge and check", "report", "total")
 
 
-def time_one_run(recipe_path: str, overrides: list[str], out_dir: Path) -> dict[str, float]:
+def time_one_run(recipe_path: str, overrides: list[str], out_dir: Path, cold: bool) -> dict[str, float]:
     """Seconds per phase of one run (and the run's ROUGE-L before and after, in percent)."""
+    if cold:
+        os.environ["QLORA_LITE_CACHE"] = str(out_dir / "cache")
     from qlora_lite.cli import quiet_libraries, work_offline_without_network
     from qlora_lite.recipe import load_recipe
 
@@ -57,6 +62,7 @@ def time_one_run(recipe_path: str, overrides: list[str], out_dir: Path) -> dict[
         phases["evaluation"] = at(events.Evaluated) - at(events.Evaluating)
         seconds = read_json(RunDir(result.run_dir).eval_json())["seconds"]
         phases["  of which base"], phases["  of which tuned"] = seconds["base"], seconds["tuned"]
+        phases["base from the cache"] = float(result.evaluation.base_from_cache)
         last = at(events.Evaluated)
     if events.Merged in stamps:
         phases["merge and check"] = at(events.Merged) - at(events.Merging)
@@ -74,14 +80,16 @@ def main() -> int:
     parser.add_argument("recipe", nargs="?", default=str(Path(__file__).resolve().parents[1] / "recipes/quickstart.toml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--cold", action="store_true", help="an empty cache for each run, as on a new machine")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     runs = []
     with tempfile.TemporaryDirectory(prefix="time-phases-") as tmp:
         for i in range(args.runs):
-            runs.append(time_one_run(args.recipe, args.overrides, Path(tmp) / f"run{i}"))
+            runs.append(time_one_run(args.recipe, args.overrides, Path(tmp) / f"run{i}", args.cold))
             print(f"run {i + 1}/{args.runs}: {runs[-1]['total']:.1f} s", file=sys.stderr, flush=True)
-    rows = [k for k in (*PHASES, "ROUGE-L base %", "ROUGE-L tuned %") if any(k in r for r in runs)]
+    rows = [k for k in (*PHASES, "ROUGE-L base %", "ROUGE-L tuned %", "base from the cache")
+            if any(k in r for r in runs)]
     median = {k: statistics.median(r[k] for r in runs if k in r) for k in rows}
     if args.json:
         print(json.dumps({"runs": runs, "median": median}, indent=2))
