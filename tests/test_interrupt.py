@@ -17,6 +17,15 @@ from qlora_lite.rundir import RunDir
 EVAL = ["--set", "eval.enabled=true", "--set", "eval.max_samples=4", "--set", "eval.max_new_tokens=8"]
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_as_in_a_terminal():
+    """Python's own Ctrl-C handler, as a terminal gives it: a test run started in the background (`cmd &` in a
+    script) inherits SIGINT ignored, and these tests check that training puts back what was there."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
 def write_recipe(tmp_path, tiny_llama, tiny_data, name="c"):
     path = tmp_path / f"{name}.toml"
     path.write_text(recipe_text(tiny_llama, tiny_data, tmp_path / "runs", name=name))
