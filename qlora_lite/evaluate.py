@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import hashlib
-import json
 import logging
 import math
 import re
@@ -33,8 +31,8 @@ from qlora_lite import data as data_stage
 from qlora_lite import model as model_stage
 from qlora_lite.errors import BudgetError, UserError, error_line
 from qlora_lite.recipe import DATA_FILE_SUFFIXES, Recipe
-from qlora_lite.rundir import RunDir, read_run
-from qlora_lite.source import library_versions, model_identity, read_cached, write_cached
+from qlora_lite.rundir import RunDir, read_run, write_json
+from qlora_lite.source import cache_key, file_sha256, library_versions, model_identity, read_cached, write_cached
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +317,7 @@ def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str |
         "base_from_cache": bool(cached),
         "forgetting": asdict(forgetting) if forgetting else None,
     }
-    rd.write_json(eval_json, report)
+    write_json(eval_json, report)
     write_samples(samples_md, split, rows, recipe, references, texts)
     return EvalResult(
         split=split, n=len(rows), base=report["base"], tuned=report["tuned"], seconds=seconds["total"],
@@ -348,10 +346,9 @@ def base_cache_key(recipe: Recipe, loaded: model_stage.LoadedModel, prompts: lis
         "generation": [recipe.eval.max_new_tokens, recipe.eval.batch_size, loaded.tokenizer.eos_token_id,
                        loaded.tokenizer.pad_token_id],
         "versions": library_versions(),
-        "code": [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest() for m in (model_stage, data_stage)]
-        + [hashlib.sha256(Path(__file__).read_bytes()).hexdigest()],
+        "code": [file_sha256(Path(path)) for path in (model_stage.__file__, data_stage.__file__, __file__)],
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return cache_key(parts)
 
 
 def encode_prompts(rows: list[dict], recipe: Recipe, tokenizer, is_encoder_decoder: bool) -> tuple[list[list[int]], int]:

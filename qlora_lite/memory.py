@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +41,9 @@ from qlora_lite.errors import UserError
 from qlora_lite.memory_arch import Arch, analyze
 from qlora_lite.methods import METHODS
 from qlora_lite.recipe import BudgetRecipe, Recipe
-from qlora_lite.source import config_identity, library_versions, load_model_config, read_cached, write_cached
+from qlora_lite.source import (
+    cache_key, config_identity, file_sha256, library_versions, load_model_config, read_cached, write_cached,
+)
 
 GIB = 1 << 30
 # Nominal memory in GiB: an "8 GB" card holds 8 GiB. nvidia-smi's total is up to 6% lower on some (T4 15.0,
@@ -166,9 +166,9 @@ def arch_key(recipe: Recipe) -> str | None:
         return None
     sections = [dataclasses.asdict(s) for s in (recipe.model, recipe.quantization, recipe.lora, recipe.method)]
     versions = library_versions()
-    code = [hashlib.sha256((HERE / name).read_bytes()).hexdigest() for name in SKELETON_CODE]
+    code = [file_sha256(HERE / name) for name in SKELETON_CODE]
     parts = [identity, sections, recipe.load_in_4bit, recipe.has_adapter, versions, code]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return cache_key(parts)
 
 
 # ---------------------------------------------------------------- byte model

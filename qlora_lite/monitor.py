@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from qlora_lite import events
 from qlora_lite.memory import CUDA_CONTEXT_GIB
-from qlora_lite.rundir import RunDir, append_jsonl
+from qlora_lite.rundir import RunDir, append_jsonl, write_json
 
 GIB = 2**30
 
@@ -208,7 +208,7 @@ def write_memory_report(rd: RunDir, plan, budget_gib: float | None, missing: lis
     """The memory report (JSON and Markdown) and the memory timeline chart, in the run directory."""
     samples = rd.memory_samples()
     report = memory_report(plan, samples, budget_gib, missing)
-    rd.write_json(rd.memory_report, report)
+    write_json(rd.memory_report, report)
     png = _timeline_png(rd.memory_timeline, samples, budget_gib, plan)
     rd.memory_report_md.write_text(_markdown(report, png))
     return report

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
-import json
 import os
 import platform
 import time
@@ -24,8 +22,8 @@ from qlora_lite import model as model_stage
 from qlora_lite import train as train_stage
 from qlora_lite.errors import BudgetError, Interrupted, UserError
 from qlora_lite.recipe import SECTIONS, Recipe, changed_settings
-from qlora_lite.rundir import RunDir, check_checkpoint, interrupted_message
-from qlora_lite.source import library_versions, model_identity, read_cached, write_cached
+from qlora_lite.rundir import RunDir, check_checkpoint, interrupted_message, write_json
+from qlora_lite.source import cache_key, library_versions, model_identity, read_cached, write_cached
 
 # Sections whose change makes a checkpoint meaningless: resuming with them changed is refused.
 FROZEN_ON_RESUME = ("model", "data", "prompt", "method", "quantization", "lora")
@@ -157,7 +155,7 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
 
 def write_result(rd: RunDir, recipe: Recipe, result: train_stage.TrainResult, trainable: int, total: int) -> None:
     """result.json: what training did, in one small file (compare and other tools read it)."""
-    rd.write_json(rd.result, {
+    write_json(rd.result, {
         "method": recipe.method.kind, "learning_rate": recipe.train.learning_rate, "steps": result.steps,
         "first_loss": result.first_loss, "last_loss": result.last_loss, "train_seconds": result.train_seconds,
         "tokens_per_s": result.tokens_per_s, "trainable_params": trainable, "total_params": total,
@@ -175,7 +173,7 @@ def measured_speed_key(recipe: Recipe, loaded: model_stage.LoadedModel) -> str |
     t = recipe.train
     parts = [identity, recipe.method.kind, recipe.load_in_4bit, loaded.device, str(loaded.compute_dtype),
              t.gradient_checkpointing, t.micro_batch_size, recipe.eval.batch_size, library_versions()]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+    return cache_key(parts)
 
 
 def expected_eval_seconds(recipe: Recipe, rows: int, speed: dict) -> float | None:
@@ -261,7 +259,7 @@ def create_run_dir(rd: RunDir, recipe: Recipe, device: str) -> None:
     """<output.dir>/<name> with the resolved recipe and the environment (checked free by check_run_dir)."""
     rd.write_recipe(recipe)
     rd.result.unlink(missing_ok=True)  # a resumed run trains further: what it said is stale
-    rd.write_json(rd.env, environment(device))
+    write_json(rd.env, environment(device))
 
 
 def environment(device: str) -> dict:

@@ -154,9 +154,6 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         self.recipe.write_text(recipe_to_toml(recipe))
 
-    def write_json(self, path: Path, value: dict) -> None:
-        path.write_text(json.dumps(value, indent=2) + "\n")
-
     def metrics_rows(self) -> list[dict]:
         """metrics.jsonl's rows; a half-written last line (a killed run) skipped."""
         return read_jsonl(self.metrics)[0] if self.metrics.is_file() else []
@@ -190,6 +187,10 @@ def read_json(path: Path) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"a JSON {type(value).__name__}, not an object")
     return value
+
+
+def write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n")
 
 
 def read_eval_json(path: Path) -> dict:
@@ -387,7 +388,7 @@ def interrupted_message(recipe: Recipe) -> str:
             steps.append(f"python -m qlora_lite merge {rd} --out {rd.merged} --dtype {recipe.export.dtype} "
                          f"--base {recipe.export.base}{force}")
         steps.append(f"python -m qlora_lite report {rd}")
-        saved = next((d for d in (rd.adapter, rd.saved_dir(has_adapter=False)) if d.is_dir()), rd.path)
+        saved = next((d for d in (rd.saved_dir(True), rd.saved_dir(False)) if d.is_dir()), rd.path)
         return f"after training, which is complete and saved in {saved}; finish with: " + " && ".join(steps)
     last = rd.last_checkpoint()
     if last is None:

@@ -53,6 +53,15 @@ def write_cached(kind: str, key: str, value) -> None:
             tmp.unlink()
 
 
+def cache_key(*parts) -> str:
+    """The sha256 of JSON-able parts: a cache entry's name, the same for the same parts in any process."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def library_versions() -> list[str | None]:
     """The versions of the libraries whose change changes what a model computes (cache keys include them)."""
     versions = []
@@ -176,7 +185,7 @@ def config_identity(model: ModelRecipe) -> str | None:
         return None
     config = Path(source) / CONFIG_FILE if Path(source).is_dir() else _hub_config(source)
     try:
-        return hashlib.sha256(config.read_bytes()).hexdigest() if config else None
+        return file_sha256(config) if config else None
     except OSError:
         return None
 

@@ -155,7 +155,7 @@ def test_budget_crossed_mid_run_stops_with_adapter_and_checkpoint(tmp_path, tiny
     report = json.loads((d / "memory_report.json").read_text())
     assert report["measured"]["process_peak_gib"] == 3.0 and report["budget_gib"] == 2.0
     assert report["headroom_gib"] == pytest.approx(-1.0)
-    steps = [r["step"] for r in RunDir(d).metrics_rows() if "loss" in r and r.get("event") != "end"]
+    steps = [step for step, _ in RunDir(d).losses()]
     assert steps[-1] == 4
 
 
@@ -199,7 +199,7 @@ def test_out_of_memory_mid_run_saves_a_checkpoint_that_resumes_with_a_smaller_mi
     smaller = make_recipe(tmp_path, tiny_llama, tiny_data,
                           overrides=["train.micro_batch_size=4", "train.gradient_accumulation_steps=2"])
     result = run(smaller, resume=True)
-    steps = [r["step"] for r in RunDir(result.run_dir).metrics_rows() if "loss" in r and r.get("event") != "end"]
+    steps = [step for step, _ in RunDir(result.run_dir).losses()]
     assert steps == list(range(1, 13)) and result.train.steps == 12  # no step lost, none repeated
 
 

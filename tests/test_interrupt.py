@@ -52,7 +52,7 @@ def ctrl_c_during_step(monkeypatch, step: int, times: int = 1):
 
 
 def logged_steps(run_dir):
-    return [r["step"] for r in RunDir(run_dir).metrics_rows() if "loss" in r and r.get("event") != "end"]
+    return [step for step, _ in RunDir(run_dir).losses()]
 
 
 def test_first_ctrl_c_finishes_the_step_saves_a_checkpoint_and_resume_completes(tmp_path, tiny_llama, tiny_data,

@@ -23,7 +23,7 @@ def test_quickstart_recipe_trains_the_real_model(tmp_path, monkeypatch):
         "train.lr_scheduler=constant", "train.warmup_ratio=0.0", "train.logging_steps=1", "eval.enabled=false",
     ])
     result = run(recipe)
-    losses = [r["loss"] for r in RunDir(result.run_dir).metrics_rows() if "loss" in r and r.get("event") != "end"]
+    losses = [loss for _, loss in RunDir(result.run_dir).losses()]
     assert len(losses) == 8
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2  # 4 rows seen four times each: the loss must fall
     assert (result.train.saved_dir / "adapter_model.safetensors").is_file()

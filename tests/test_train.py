@@ -27,7 +27,7 @@ def make_recipe(tmp_path, model_dir, data_dir, name="t", overrides=(), **extra):
 
 
 def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in RunDir(run_dir).metrics_rows() if "loss" in r and r.get("event") != "end"]
+    return [loss for _, loss in RunDir(run_dir).losses()]
 
 
 def falls(values: list[float]) -> bool:
@@ -185,7 +185,7 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_llama, tiny_da
     run(first)
     longer = make_recipe(tmp_path, tiny_llama, tiny_data, overrides=["train.max_steps=18"])
     result = run(longer, resume=True)
-    steps = [r["step"] for r in RunDir(result.run_dir).metrics_rows() if "loss" in r and r.get("event") != "end"]
+    steps = [step for step, _ in RunDir(result.run_dir).losses()]
     assert steps == list(range(1, 19))  # 1-12, then 13-18 from checkpoint-12: no step repeated
     assert result.train.steps == 18
 
