@@ -399,6 +399,8 @@ class TrainingView:
                 console.rule(f"[bold]method {method}[/] (learning rate {learning_rate:g})")
             case events.MethodKept(method, run_dir):
                 console.print(f"method {method}: finished earlier in {run_dir}, kept")
+            case events.TensorBoardWriting(folder):
+                console.print(f"live curves: tensorboard --logdir {escape(str(folder))}", highlight=False)
             case events.MethodRefused(method, reason):
                 console.print(f"[yellow]method {method} did not run[/]: {escape(reason)}")
 

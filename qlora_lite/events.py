@@ -83,6 +83,7 @@ class StepLogged:
     tokens_per_s: float  # this session's tokens over this session's time (a resumed run: its own only)
     elapsed_s: float  # since training (or its resumption) began
     eval_loss: float | None = None
+    grad_norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,11 @@ class MethodKept:
 
 
 @dataclass(frozen=True)
+class TensorBoardWriting:
+    folder: Path  # live curves there: tensorboard --logdir <folder>
+
+
+@dataclass(frozen=True)
 class MethodRefused:
     method: str
     reason: str
@@ -157,9 +163,17 @@ class MethodRefused:
 
 Event = Union[RecipeResolved, Planned, AutoFitted, SetUp, TrainingStarted, StepDone, StepLogged, MemorySampled,
               StopRequested, BudgetCrossed, Trained, Evaluating, Evaluated, Merging, Merged, MergeSkipped,
-              MethodStarted, MethodKept, MethodRefused]
+              MethodStarted, MethodKept, MethodRefused, TensorBoardWriting]
 Notify = Callable[[Event], None]
 
 
 def ignore(event: Event) -> None:
     """The default listener: a library call nobody watches."""
+
+
+def tee(*listeners: Notify) -> Notify:
+    """One listener that passes each event to every one of `listeners`, in order."""
+    def notify(event: Event) -> None:
+        for listener in listeners:
+            listener(event)
+    return notify

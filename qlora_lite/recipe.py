@@ -119,8 +119,12 @@ class TrainRecipe:
     optimizer: Literal[
         "auto", "adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit", "adafactor"
     ] = _opt("auto", doc="auto = paged_adamw_8bit on CUDA, adamw_torch on CPU")
-    seed: int = _opt(42, doc="seeds weights init, shuffling and dropout")
+    seed: int = _opt(42, doc="seeds the adapter's initial weights, shuffling and dropout")
+    deterministic: bool = _opt(False, doc="CUDA: deterministic kernels, bit-reproducible and slower (CPU runs "
+                                          "already are)")
     logging_steps: int = _opt(10, lo=1, doc="a metrics.jsonl line every N steps")
+    report_to: list[Literal["tensorboard", "wandb"]] = _opt(
+        (), doc='live curves: "tensorboard" (RUN_DIR/tensorboard/), "wandb" (installed and logged in)')
     save_steps: int = _opt(100, lo=1, doc="checkpoint every N steps (for --resume)")
     save_total_limit: int = _opt(2, lo=1, doc="checkpoints kept")
     eval_steps: int | None = _opt(None, lo=1, doc="eval loss every N steps (needs data.eval)")
@@ -252,7 +256,7 @@ def recipe_from_dict(raw: dict, overrides=(), base_dir: Path = Path("."), source
     for key in raw:
         if key != "name" and key not in SECTIONS:
             what = f"section [{key}]" if isinstance(raw[key], dict) else f"top-level key {key}"
-            problems.append(f"unknown {what}{_hint(key, ['name', *SECTIONS]) or _home(key)}")
+            problems.append(f"unknown {what}{_home(key) or _hint(key, ['name', *SECTIONS])}")
     name = raw.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         problems.append(
@@ -311,7 +315,7 @@ def _build(cls, section: str, table: dict, problems: list[str]):
     for key, value in table.items():
         where = f"{section}.{key}"
         if key not in fields:
-            hint = _hint(key, list(fields), prefix=section + ".") or _home(key, section)
+            hint = _home(key, section) or _hint(key, list(fields), prefix=section + ".")  # an exact key first
             problems.append(f"unknown key {where}{hint}")
             continue
         problem = _check_type(value, hints[key])

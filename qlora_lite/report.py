@@ -102,7 +102,19 @@ def training_section(rd: RunDir) -> list[str]:
         note += [f"**Training has not finished**: the last logged step is {steps[-1][0]}; the recipe's schedule "
                  f"above is what it was meant to train (continue it with `run RECIPE --resume`).", ""]
     return [*note, f"Loss {steps[0][1]:.4f} at step {steps[0][0]}, {steps[-1][1]:.4f} at step {steps[-1][0]}.", "",
-            f"![training loss]({rd.loss_png.name})"]
+            f"![training loss]({rd.loss_png.name})", *repeatability(rd)]
+
+
+def repeatability(rd: RunDir) -> list[str]:
+    """What a second run with the same seed gives, as result.json recorded it for the run's device."""
+    try:
+        said = read_json(rd.result).get("reproducible")
+    except (OSError, ValueError):
+        return []
+    if not isinstance(said, dict):
+        return []
+    same = "the same losses, weights and scores bit for bit" if said.get("bitwise") else "close, not identical numbers"
+    return ["", f"Repeatability: seed {said.get('seed')}; a repeat of this run gives {same} ({said.get('why')})."]
 
 
 def evaluation_section(rd: RunDir) -> list[str]:

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 
 from qlora_lite import data as data_stage
-from qlora_lite import evaluate, events, export, memory, monitor, report
+from qlora_lite import evaluate, events, export, memory, monitor, report, tracking
 from qlora_lite import model as model_stage
 from qlora_lite import train as train_stage
 from qlora_lite.errors import BudgetError, Interrupted, UserError
@@ -50,6 +50,7 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
     device = model_stage.pick_device(recipe.train)
     monitor.reset_peaks(device)  # a second run in this process (compare) measures its own peak
     optimizer = train_stage.pick_optimizer(recipe.train, device)
+    tracking.check_trackers(recipe.train)
     if device == "cpu" and recipe.quantization.compute_dtype in ("bf16", "fp16"):  # no autocast: eval would fail
         raise UserError(f"quantization.compute_dtype = {recipe.quantization.compute_dtype!r} needs a CUDA GPU; on a "
                         f"CPU use \"auto\" (fp32: bf16 matmuls there are ~15x slower)")
@@ -64,6 +65,7 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
     held_out_split, held_out = evaluate.held_out_rows(recipe, splits=splits) if recipe.eval.enabled else (None, [])
     if recipe.eval.forgetting:
         evaluate.forgetting_texts(recipe.eval.forgetting)  # a missing or unreadable text fails now, not after training
+    train_stage.seed_run(recipe.train, device)  # before anything draws: every method of compare starts alike
     loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train, recipe.method, recipe.prompt)
     if held_out:  # prompts that leave no room for eval.max_new_tokens, found before training
         evaluate.encode_prompts(held_out, recipe, loaded.tokenizer, loaded.is_encoder_decoder)
@@ -82,6 +84,9 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
             split="eval",
         )
     create_run_dir(rd, recipe, loaded.device)
+    if "tensorboard" in recipe.train.report_to:
+        notify = events.tee(notify, tracking.TensorBoardLog(rd.tensorboard))
+        notify(events.TensorBoardWriting(rd.tensorboard))
     model_stage.attach_method(loaded, recipe)
     trainable, total = model_stage.count_parameters(loaded.model)
     steps = train_stage.planned_steps(recipe.train, stats.rows)
@@ -120,7 +125,7 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
         )
     if result.interrupted and result.steps < result.max_steps:
         raise Interrupted(interrupted_message(recipe))
-    write_result(rd, recipe, result, trainable, total)  # training is complete: eval and merge may follow
+    write_result(rd, recipe, result, trainable, total, loaded.device)  # training is complete: eval and merge may follow
     if speed_key and result.steps:
         speed = {**speed, "train_tokens_per_s": result.tokens_per_s}
         write_cached("speed", speed_key, speed)
@@ -153,13 +158,15 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
                      time.monotonic() - started)
 
 
-def write_result(rd: RunDir, recipe: Recipe, result: train_stage.TrainResult, trainable: int, total: int) -> None:
+def write_result(rd: RunDir, recipe: Recipe, result: train_stage.TrainResult, trainable: int, total: int,
+                 device: str) -> None:
     """result.json: what training did, in one small file (compare and other tools read it)."""
     write_json(rd.result, {
         "method": recipe.method.kind, "learning_rate": recipe.train.learning_rate, "steps": result.steps,
         "first_loss": result.first_loss, "last_loss": result.last_loss, "train_seconds": result.train_seconds,
         "tokens_per_s": result.tokens_per_s, "trainable_params": trainable, "total_params": total,
-        "saved_dir": str(result.saved_dir),
+        "saved_dir": str(result.saved_dir), "seed": recipe.train.seed,
+        "reproducible": train_stage.reproducibility(recipe.train, device),
     })
 
 

@@ -7,6 +7,7 @@ Other modules ask a `RunDir` for a path or a record and never spell a file name.
     metrics.jsonl          one JSON object per logged step (loss, learning rate, tokens/s)
     memory.jsonl           one memory sample per logged step
     memory_report.json/.md and memory_timeline.png: predicted vs measured memory
+    tensorboard/           live curves, with [train] report_to = ["tensorboard"]
     checkpoints/checkpoint-N/   the Trainer's checkpoints, for --resume
     adapter/ or model/     what training saved: a PEFT adapter, or the whole fully fine-tuned model
     result.json            what training did; written when training completes, removed when a resume trains on
@@ -80,6 +81,10 @@ class RunDir:
     @property
     def memory_timeline(self) -> Path:
         return self.path / "memory_timeline.png"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
 
     @property
     def result(self) -> Path:

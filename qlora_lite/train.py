@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import os
+import random
 import signal
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
 import torch
 from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
@@ -25,6 +28,7 @@ from qlora_lite.errors import BudgetError, UserError
 from qlora_lite.model import LoadedModel
 from qlora_lite.recipe import TrainRecipe
 from qlora_lite.rundir import RunDir, append_jsonl
+from qlora_lite.tracking import trainer_report_to
 
 CUDA_ONLY_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit")
 # transformers 5.2x renamed TrainingArguments.gradient_checkpointing (the old name warns, and goes in 6); the oldest
@@ -43,6 +47,35 @@ class TrainResult:
     saved_dir: Path  # the run's adapter (PEFT format), or its whole model for full fine-tuning
     max_steps: int = 0  # the steps the trainer planned (epochs counted as it counts them)
     interrupted: bool = False  # Ctrl-C: stopped after `steps` with a checkpoint
+
+
+def seed_run(train: TrainRecipe, device: str) -> None:
+    """Seed Python, numpy and torch from train.seed before the run's first random draw. The Trainer seeds only when
+    it is built, after the adapter's initial weights (LoRA's A matrices, a soft prompt) were drawn from whatever
+    state the process was in: two runs of one seed trained from different starting points (issue 21)."""
+    random.seed(train.seed)
+    numpy.random.seed(train.seed)
+    torch.manual_seed(train.seed)  # also seeds every CUDA device
+    if train.deterministic and device == "cuda":
+        # cuBLAS reorders its sums unless given a fixed workspace (read when it starts: before the first matmul).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)  # a kernel without a deterministic twin warns
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+
+def reproducibility(train: TrainRecipe, device: str) -> dict:
+    """What a repeat of this run with the same seed is expected to give, for result.json and the report."""
+    if device != "cuda":
+        return {"seed": train.seed, "bitwise": True, "why": (
+            f"CPU kernels are deterministic: the same seed, data, versions and thread count "
+            f"({torch.get_num_threads()}) give the same losses, weights and scores")}
+    if train.deterministic:
+        return {"seed": train.seed, "bitwise": True, "why": (
+            "train.deterministic: deterministic torch algorithms and a fixed cuBLAS workspace; a kernel that has no "
+            "deterministic version warns (not yet measured on a GPU here)")}
+    return {"seed": train.seed, "bitwise": False, "why": (
+        "CUDA's cuBLAS and attention backward kernels may sum in a different order on each run: losses agree to "
+        "a few decimals, not bit for bit; set train.deterministic = true for bit-identical runs (slower)")}
 
 
 def pick_optimizer(train: TrainRecipe, device: str) -> str:
@@ -89,7 +122,7 @@ def _common_args(train: TrainRecipe, loaded: LoadedModel, checkpoints: Path, has
         fp16=loaded.compute_dtype == torch.float16 and loaded.device == "cuda",
         use_cpu=loaded.device == "cpu",
         **{CHECKPOINTING_ARGUMENT: False},  # set up on the model already (model.py); TRL's default is on
-        report_to="none",
+        report_to=trainer_report_to(train),
         disable_tqdm=True,
         include_num_input_tokens_seen="all",
         remove_unused_columns=False,
@@ -125,7 +158,7 @@ class MetricsLog(TrainerCallback):
             self.notify(events.StepLogged(
                 step=row["step"], max_steps=state.max_steps, loss=row.get("loss"),
                 learning_rate=row.get("learning_rate"), tokens_per_s=row["tokens_per_s"], elapsed_s=elapsed,
-                eval_loss=row.get("eval_loss"),
+                eval_loss=row.get("eval_loss"), grad_norm=row.get("grad_norm"),
             ))
 
 
@@ -224,7 +257,6 @@ def train(
     callbacks: list = (),
 ) -> TrainResult:
     """Train, save the adapter (PEFT format) or the full model, with the tokenizer, return what happened."""
-    torch.manual_seed(train.seed)
     metrics = MetricsLog(rd.metrics, notify)
     ctrl_c = StopOnCtrlC(notify)
     trainer = build_trainer(loaded, train_ds, eval_ds, train, rd, [metrics, RateOnResume(), ctrl_c, *callbacks])
