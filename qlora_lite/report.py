@@ -108,13 +108,14 @@ def training_section(rd: RunDir) -> list[str]:
 def repeatability(rd: RunDir) -> list[str]:
     """What a second run with the same seed gives, as result.json recorded it for the run's device."""
     try:
-        said = read_json(rd.result).get("reproducible")
+        result = read_json(rd.result)
     except (OSError, ValueError):
         return []
+    said = result.get("reproducible")
     if not isinstance(said, dict):
         return []
     same = "the same losses, weights and scores bit for bit" if said.get("bitwise") else "close, not identical numbers"
-    return ["", f"Repeatability: seed {said.get('seed')}; a repeat of this run gives {same} ({said.get('why')})."]
+    return ["", f"Repeatability: seed {result.get('seed')}; a repeat of this run gives {same} ({said.get('why')})."]
 
 
 def evaluation_section(rd: RunDir) -> list[str]:

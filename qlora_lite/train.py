@@ -64,16 +64,17 @@ def seed_run(train: TrainRecipe, device: str) -> None:
 
 
 def reproducibility(train: TrainRecipe, device: str) -> dict:
-    """What a repeat of this run with the same seed is expected to give, for result.json and the report."""
+    """What a repeat of this run with the same seed is expected to give, for result.json (beside its seed) and the
+    report."""
     if device != "cuda":
-        return {"seed": train.seed, "bitwise": True, "why": (
+        return {"bitwise": True, "why": (
             f"CPU kernels are deterministic: the same seed, data, versions and thread count "
             f"({torch.get_num_threads()}) give the same losses, weights and scores")}
     if train.deterministic:
-        return {"seed": train.seed, "bitwise": True, "why": (
+        return {"bitwise": True, "why": (
             "train.deterministic: deterministic torch algorithms and a fixed cuBLAS workspace; a kernel that has no "
             "deterministic version warns (not yet measured on a GPU here)")}
-    return {"seed": train.seed, "bitwise": False, "why": (
+    return {"bitwise": False, "why": (
         "CUDA's cuBLAS and attention backward kernels may sum in a different order on each run: losses agree to "
         "a few decimals, not bit for bit; set train.deterministic = true for bit-identical runs (slower)")}
 
