@@ -25,9 +25,10 @@ from rich.table import Table
 
 from qlora_lite import events, memory
 from qlora_lite.errors import Interrupted, UserError
+from qlora_lite.methods import METHODS
 from qlora_lite.recipe import load_recipe, parse_methods
 from qlora_lite.report import write_report
-from qlora_lite.rundir import MERGE_CHECK, compare_dir, comparison_files, interrupted_message
+from qlora_lite.rundir import MERGE_CHECK, MODEL_CARD, compare_dir, comparison_files, interrupted_message
 
 console = Console()
 err_console = Console(stderr=True)
@@ -127,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into a non-empty --out (other files are kept)")
     p.set_defaults(func=cmd_merge)
 
+    p = sub.add_parser("export", help="write the merged model as a GGUF file for llama.cpp and Ollama, and verify it")
+    p.add_argument("run_dir", help="a run directory, e.g. runs/quickstart (its merged/ must hold a verified merge)")
+    p.add_argument("--gguf", required=True, metavar="TYPE", help="f16, bf16 or q8_0 (for Q4_K_M: write f16, then "
+                   "llama.cpp's llama-quantize)")
+    p.add_argument("--out", default=None, help="folder for the .gguf, its check, Modelfile and README (default: "
+                                               "RUN_DIR/gguf-TYPE)")
+    p.add_argument("--merged", default=None, metavar="DIR", help="the merged model to convert, when `merge --out` "
+                                                                  "wrote it elsewhere (default: RUN_DIR/merged)")
+    p.add_argument("--force", action="store_true", help="replace an earlier export's files in --out")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("report", help="write the run's report (recipe, loss curve, ROUGE chart, memory, samples)")
     p.add_argument("run_dir", help="a run directory, e.g. runs/quickstart")
     p.set_defaults(func=cmd_report)
@@ -135,13 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_recipe_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (memory in GiB)")
     p.add_argument("--method", default=None, metavar="METHODS",
-                   help="plan for these methods instead of [method] kind: qlora, lora, full, prompt_tuning, "
+                   help=f"plan for these methods instead of [method] kind: {', '.join(METHODS)}, "
                         "comma-separated, or all (side by side)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("compare", help="train the recipe with several methods and compare memory, speed, ROUGE")
     add_recipe_arguments(p)
-    p.add_argument("--methods", default="all", help="comma-separated from qlora, lora, full, prompt_tuning (default all)")
+    p.add_argument("--methods", default="all", help=f"comma-separated from {', '.join(METHODS)} (default all)")
     p.add_argument("--resume", action="store_true", help="continue a comparison: finished methods are kept")
     p.set_defaults(func=cmd_compare)
     return parser
@@ -174,6 +186,16 @@ def cmd_merge(args) -> int:
     return 0 if result.check.passed else 4
 
 
+def cmd_export(args) -> int:
+    """Exit 4 when the file does not reproduce the merged model's tokens and logits (it is kept to inspect)."""
+    from qlora_lite.gguf_export import export_run
+
+    with console.status(f"writing {args.gguf} GGUF and loading it back to check it"):
+        result = export_run(args.run_dir, args.gguf, args.out, merged_dir=args.merged, force=args.force)
+    render_gguf(result)
+    return 0 if result.check.passed else 4
+
+
 def cmd_report(args) -> int:
     console.print(f"wrote {write_report(args.run_dir)}")
     return 0
@@ -182,19 +204,32 @@ def cmd_report(args) -> int:
 def eval_table(result) -> Table:
     cut = f" ({result.prompts_truncated} prompts cut to fit train.max_length)" if result.prompts_truncated else ""
     cut += "; base outputs from an identical earlier evaluation (cache)" if result.base_from_cache else ""
+    shots = {k: scores for k, scores in result.shots.items() if k}  # 0-shot is the base column
+    lost = [f"{s['rows_lost_examples']} {k}-shot prompts dropped examples to fit" for k, s in shots.items()
+            if s["rows_lost_examples"]]
     table = Table(title=f"{result.split} split, {result.n} examples{cut}, greedy, max_new_tokens "
                         f"{result.max_new_tokens}; scores in % ({result.eval_json.name}: fractions)",
-                  title_justify="left")
-    for col in ("metric", "base", "tuned", "change"):
+                  title_justify="left", caption_justify="left",
+                  caption="base, k-shot: the base model with k training examples before each prompt (no training)"
+                          + "".join(f"; {line}" for line in lost) if shots else None)
+    for col in ("metric", "base", *(f"base, {k}-shot" for k in shots), "tuned", "change"):
         table.add_column(col, justify="left" if col == "metric" else "right")
+    blank = [""] * len(shots)
     for metric, base in result.base.items():
         tuned = result.tuned[metric]
         colour = "green" if tuned > base else "red"
-        table.add_row(metric, f"{100 * base:.2f}", f"{100 * tuned:.2f}", f"[{colour}]{100 * (tuned - base):+.2f}[/]")
+        table.add_row(metric, f"{100 * base:.2f}", *(f"{100 * s[metric]:.2f}" for s in shots.values()),
+                      f"{100 * tuned:.2f}", f"[{colour}]{100 * (tuned - base):+.2f}[/]")
     f = result.forgetting
     if f is not None:
-        table.add_row("forgetting: perplexity", f"{f.base_perplexity:.2f}", f"{f.tuned_perplexity:.2f}",
+        table.add_row("forgetting: perplexity", f"{f.base_perplexity:.2f}", *blank, f"{f.tuned_perplexity:.2f}",
                       f"{f.perplexity_change_pct:+.1f}%")
+    if result.knowledge is not None:
+        b, t = result.knowledge
+        table.add_row(f"knowledge: accuracy, {b.n} questions (chance {100 * b.chance:.0f})",
+                      f"{100 * b.accuracy:.1f} ({100 * b.ci_low:.0f}-{100 * b.ci_high:.0f})", *blank,
+                      f"{100 * t.accuracy:.1f} ({100 * t.ci_low:.0f}-{100 * t.ci_high:.0f})",
+                      f"{100 * (t.accuracy - b.accuracy):+.1f}")
     return table
 
 
@@ -206,6 +241,23 @@ def render_merge(result) -> None:
         f"max |diff| {check.max_abs_diff:.2e} = {check.relative_diff:.2e} of the logit scale "
         f"(tolerance {check.tolerance:g}); details in {result.out_dir / MERGE_CHECK}"
     )
+
+
+def render_gguf(result) -> None:
+    check, written = result.check, result.written
+    if check.relative_diff is None:
+        verdict = f"[bold red]check FAILED[/]: {escape(check.reason)}"
+    else:
+        verdict = ("[green]matches[/]" if check.passed else f"[bold red]DOES NOT match[/] ({escape(check.reason)})") + (
+            f" the merged model: token ids {'identical' if check.token_ids_match else 'DIFFERENT'}, max |logit diff| "
+            f"{check.relative_diff:.2e} of the logit scale (tolerance {check.tolerance:g}), top-1 agreement "
+            f"{check.top1_agreement:.0%}")
+    console.print(f"wrote [bold]{written.path}[/] ({written.size_bytes / 2**20:,.1f} MiB, {written.qtype}, "
+                  f"{result.seconds:.0f} s): {verdict}", highlight=False, soft_wrap=True)
+    for warning in written.warnings:
+        console.print(f"[yellow]warning[/]: {escape(warning)}", soft_wrap=True)
+    console.print(f"run it with llama.cpp or Ollama (Modelfile beside it): {result.out_dir / MODEL_CARD}",
+                  highlight=False, soft_wrap=True)
 
 
 def cmd_plan(args) -> int:
@@ -319,7 +371,8 @@ def cmd_run(args) -> int:
         f"[bold green]done[/] in {result.seconds:.0f} s: trained weights saved to [bold]{result.train.saved_dir}[/], "
         f"report in {result.report}"
     )
-    return 0 if result.merged is None or result.merged.check.passed else 4
+    exported = [r.check for r in (result.merged, result.gguf) if r is not None]
+    return 0 if all(check.passed for check in exported) else 4
 
 
 class TrainingView:
@@ -395,6 +448,12 @@ class TrainingView:
                 render_merge(result)
             case events.MergeSkipped(reason):
                 console.print(f"[yellow]merge skipped[/]: {escape(reason)}")
+            case events.ExportingGGUF(qtype, source):
+                console.print(f"writing {source} as {qtype} GGUF and checking it...")
+            case events.ExportedGGUF(result):
+                render_gguf(result)
+            case events.GGUFSkipped(reason):
+                console.print(f"[yellow]GGUF export skipped[/]: {escape(reason)}")
             case events.MethodStarted(method, learning_rate, _):
                 console.rule(f"[bold]method {method}[/] (learning rate {learning_rate:g})")
             case events.MethodKept(method, run_dir):
@@ -455,6 +514,10 @@ def setup_table(p: events.SetUp) -> Table:
         f"{stats.truncated_prompts} prompts truncated; longest prompt {stats.prompt_tokens_max} tokens, "
         f"target {stats.target_tokens_max}",
     )
+    if p.packed is not None:
+        table.add_row("packing", f"{p.packed.examples} examples in {p.packed.rows} rows of up to "
+                                 f"{p.packed.max_length:,} tokens, "
+                                 f"{100 * p.packed.fill:.0f}% filled (no attention between examples)")
     table.add_row("schedule", f"{p.steps} steps x effective batch {p.effective_batch} = {p.epochs:.2f} epochs, "
                               f"~{p.tokens_per_step:,.0f} tokens per step")
     held = p.held_out

@@ -118,6 +118,9 @@ def summarize(run_dir: Path) -> dict:
         **{key: evaluation["tuned"][key] for key in ROUGE_KEYS},
         "base": {key: evaluation["base"][key] for key in ROUGE_KEYS},
         "rougeL_gain": evaluation["tuned"]["rougeL"] - evaluation["base"]["rougeL"],
+        "shots": {k: {key: scores[key] for key in ROUGE_KEYS} for k, scores in (evaluation.get("shots") or {}).items()
+                  if k != "0"},  # the base model prompted with k training examples: no training at all
+        "base_model": "4-bit base" if rd.read_recipe().load_in_4bit else "16-bit base",
         "forgetting_loss_change": forgetting.get("loss_change"),
         "forgetting_perplexity_change_pct": forgetting.get("perplexity_change_pct"),
     }
@@ -150,22 +153,43 @@ def write_comparison(out: Path, comparison: dict) -> None:
     as_md.write_text(markdown(comparison, png.name))
 
 
+FAMILY_ORDER = ("selective", "reparameterization", "additive")
+
+
 def table_rows(methods: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows shared by comparison.md and the CLI's rich table."""
-    header = ["method", "trainable", "peak predicted", "peak measured", "s/step", "tokens/s", "stored per task",
-              "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum", "ROUGE-L vs base", "forgetting"]
+    """Header and rows shared by comparison.md and the CLI's rich table (a column per method there): methods
+    grouped by PEFT family (methods.METHODS), in the order they were asked for within a family."""
+    header = ["method", "family", "trainable", "peak predicted", "peak measured", "s/step", "tokens/s",
+              "stored per task", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum", "ROUGE-L vs base", "forgetting"]
     rows = []
-    for kind, m in methods.items():
+    for kind in sorted(methods, key=lambda k: FAMILY_ORDER.index(METHODS[k].family)):
+        m = methods[kind]
         measured = (f"{m['measured_peak_gib']:.2f} GiB" if m["measured_peak_gib"] is not None
                     else f"CPU RSS {m['cpu_rss_peak_gib']:.2f} GiB" if m["cpu_rss_peak_gib"] is not None else "-")
         forgetting = ("-" if m["forgetting_perplexity_change_pct"] is None
                       else f"{m['forgetting_perplexity_change_pct']:+.1f}% ppl")
         rows.append([
-            kind, f"{m['trainable_params']:,} ({m['trainable_pct']:.2f}%)", f"{m['predicted_peak_gib']:.2f} GiB",
+            kind, METHODS[kind].family, f"{m['trainable_params']:,} ({m['trainable_pct']:.2f}%)",
+            f"{m['predicted_peak_gib']:.2f} GiB",
             measured, f"{m['seconds_per_step']:.2f}", f"{m['tokens_per_s']:,.0f}", human_bytes(m["stored_bytes"]),
             *(f"{100 * m[k]:.2f}" for k in ROUGE_KEYS), f"{100 * m['rougeL_gain']:+.2f}", forgetting,
         ])
-    return header, rows
+    return header, rows + shot_rows(methods)
+
+
+def shot_rows(methods: dict) -> list[list[str]]:
+    """With [eval] shots: the base model prompted with 0, 1, ... training examples, once per base (methods on one
+    base share these scores), as rows that cost no training."""
+    rows, seen = [], set()
+    for m in methods.values():
+        if not m.get("shots") or m["base_model"] in seen:
+            continue
+        seen.add(m["base_model"])
+        for k, scores in {"0": m["base"], **m["shots"]}.items():
+            gain = scores["rougeL"] - m["base"]["rougeL"]
+            rows.append([f"{m['base_model']}, {k}-shot", "prompting", "0 (no training)", *["-"] * 5,
+                         *(f"{100 * scores[key]:.2f}" for key in ROUGE_KEYS), f"{100 * gain:+.2f}", "-"])
+    return rows
 
 
 def markdown(comparison: dict, png: str) -> str:
@@ -176,7 +200,9 @@ def markdown(comparison: dict, png: str) -> str:
         + ", ".join(f"{k} {METHODS[k].lr_scale:g}" for k in comparison["methods"]) + ". "
         "Peak predicted: the planner's figure for a CUDA GPU. Peak measured: the GPU's, or the process RSS when "
         "trained on CPU (not comparable with a GPU figure). ROUGE in percent on the tuned model; "
-        "forgetting: change in perplexity on general text (needs [eval] forgetting).", "",
+        "forgetting: change in perplexity on general text (needs [eval] forgetting). Families: selective trains "
+        "original weights (a subset, or all of them), reparameterization a low-rank form of the update (LoRA), "
+        "additive new parameters (soft prompts, IA3 vectors).", "",
         "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
         *("| " + " | ".join(row) + " |" for row in rows), "",
         *(f"- **{kind}** did not run: {reason}" for kind, reason in comparison["refused"].items()),

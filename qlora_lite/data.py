@@ -19,6 +19,7 @@ from qlora_lite.recipe import DATA_FILE_SUFFIXES, DataRecipe, PromptRecipe, Trai
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value the loss skips
+SHOT_DELIMITER = "\n\n"  # after each few-shot example: lm-evaluation-harness's default fewshot_delimiter
 
 
 @dataclass(frozen=True)
@@ -140,18 +141,29 @@ def _first_bad_json_line(path: Path) -> str | None:
 # ---------------------------------------------------------------- prompts
 
 
-def render_prompt(row: dict, prompt: PromptRecipe, tokenizer) -> str:
-    """The prompt text for one row: the template filled in, wrapped in the chat template when asked."""
-    text = prompt.template
-    for column in dict.fromkeys(placeholders(prompt.template)):
-        text = text.replace("{" + column + "}", str(row[column]))
-    text = text.replace("{{", "{").replace("}}", "}")
+def render_prompt(row: dict, prompt: PromptRecipe, tokenizer, shots: list[tuple[dict, str]] = ()) -> str:
+    """The prompt text for one row: the template filled in, wrapped in the chat template when asked.
+
+    `shots`: (row, target) examples shown first (few-shot): each filled in and followed by its target, a blank
+    line after each; in the chat template, earlier user and assistant turns (lm-evaluation-harness's
+    fewshot_as_multiturn), after the system message."""
+    text = fill_template(row, prompt.template)
     if not prompt.chat_template:
-        return text
-    messages = ([{"role": "system", "content": prompt.system}] if prompt.system else []) + [
+        return "".join(fill_template(example, prompt.template) + target + SHOT_DELIMITER
+                       for example, target in shots) + text
+    turns = [{"role": role, "content": content} for example, target in shots
+             for role, content in (("user", fill_template(example, prompt.template)), ("assistant", target))]
+    messages = ([{"role": "system", "content": prompt.system}] if prompt.system else []) + turns + [
         {"role": "user", "content": text}
     ]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def fill_template(row: dict, template: str) -> str:
+    text = template
+    for column in dict.fromkeys(placeholders(template)):
+        text = text.replace("{" + column + "}", str(row[column]))
+    return text.replace("{{", "{").replace("}}", "}")
 
 
 def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
@@ -165,15 +177,16 @@ def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def encode_prompt(
-    row: dict, prompt: PromptRecipe, tokenizer, input_column: str, max_tokens: int, *, encoder: bool = False
+    row: dict, prompt: PromptRecipe, tokenizer, input_column: str, max_tokens: int, *, encoder: bool = False,
+    shots: list[tuple[dict, str]] = (),
 ) -> tuple[list[int], bool]:
     """Prompt ids within `max_tokens`, cutting the end of the input text; (ids, was_truncated).
 
     The text before the end of the input and the text after it are tokenized separately so the suffix
     ("Summary: ", the chat template's assistant header) always survives. Generation uses this same function,
-    so training and inference see identical prompt tokens.
+    so training and inference see identical prompt tokens. `shots`: examples before the prompt (render_prompt).
     """
-    text = render_prompt(row, prompt, tokenizer)
+    text = render_prompt(row, prompt, tokenizer, shots)
     value = str(row[input_column])
     cut = text.rfind(value) + len(value) if value and value in text else len(text)
     head = tokenizer(text[:cut], add_special_tokens=False)["input_ids"]

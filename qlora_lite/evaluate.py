@@ -4,7 +4,9 @@ Inputs: a loaded model (the one just trained, or `load_run(run_dir)`), its recip
 Outputs: an `EvalResult`, the run's eval.json and samples.md. The base model is the same PEFT model inside
 `disable_adapter()` (for full fine-tuning, which changed the weights themselves, the base is loaded again), so
 both go through one `generate` call with identical prompt tokens (data.encode_prompt, as in training) and
-settings: greedy, KV cache on, an explicit max_new_tokens, stop at EOS.
+settings: greedy, KV cache on, an explicit max_new_tokens, stop at EOS. Where asked, the base model also generates
+with k training examples before each prompt (eval.shots: fewshot.py), and both answer multiple-choice questions
+(eval.knowledge: knowledge.py); eval.json gains "shots" and "knowledge".
 
 ROUGE is rouge-score with stemming and a plain mean over examples (no bootstrap), as fractions 0..1. rougeLsum
 scores the longest common subsequence sentence by sentence, and rouge-score only sees sentences at newlines:
@@ -21,13 +23,14 @@ import logging
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
 from qlora_lite import data as data_stage
+from qlora_lite import fewshot, knowledge
 from qlora_lite import model as model_stage
 from qlora_lite.errors import BudgetError, UserError, error_line
 from qlora_lite.recipe import DATA_FILE_SUFFIXES, Recipe
@@ -72,6 +75,9 @@ class EvalResult:
     samples_md: Path
     prompts_truncated: int = 0  # held-out prompts whose input text was cut to fit, as training cut them
     base_from_cache: bool = False  # the base model's outputs came from an identical earlier evaluation
+    shots: dict[int, dict[str, float]] = field(default_factory=dict)  # k: the base's scores with k examples, and
+    # rows_lost_examples (prompts that dropped some to fit); k = 0 is `base`
+    knowledge: tuple[knowledge.KnowledgeScore, knowledge.KnowledgeScore] | None = None  # base, tuned
 
 
 # ---------------------------------------------------------------- loading a finished run
@@ -249,6 +255,8 @@ def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str |
     Another split than the run's own (`eval --split eval` of a run evaluated on test) writes its own files
     (RunDir.eval_json), so the run's own evaluation, which the report and compare read, is kept. eval.json
     counts the held-out rows whose input was trained on (with `run`'s training rows, or a local data.train).
+    With eval.shots the base model also generates with k training examples before each prompt (fewshot.py); with
+    eval.knowledge both models answer its multiple-choice questions (knowledge.py).
 
     `loaded.model` must be a PEFT model; it is left in eval mode.
     """
@@ -259,8 +267,11 @@ def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str |
     other = None if split == own_split else split
     eval_json, samples_md = rd.eval_json(other), rd.samples(other)
     prompts, truncated = encode_prompts(rows, recipe, loaded.tokenizer, loaded.is_encoder_decoder)
-    if train_rows is None and Path(recipe.data.train).is_file():  # `eval` of a saved run: its local training file
+    if train_rows is None and (Path(recipe.data.train).is_file() or recipe.eval.shots):  # `eval` of a saved run
         train_rows = data_stage.load_splits(recipe.data, recipe.prompt, names=("train",))["train"]
+    limit, encoder = prompt_limit(recipe, loaded.is_encoder_decoder)
+    shot_sets, drawn = fewshot.prompt_sets(rows, train_rows, recipe, loaded.tokenizer, limit=limit, encoder=encoder)
+    questions = knowledge.read_questions(recipe.eval.knowledge) if recipe.eval.knowledge else None
     references = [str(row[recipe.data.target_column]).strip() for row in rows]
     model = loaded.model
     model.eval()
@@ -271,28 +282,49 @@ def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str |
         chunk_tokens = min(recipe.train.max_length, FORGETTING_CHUNK_TOKENS)
         chunks = text_chunks(forgetting_texts(recipe.eval.forgetting), loaded.tokenizer, chunk_tokens,
                              FORGETTING_CHUNKS)
-    texts, seconds, general_loss = {}, {}, {}
+    texts, seconds, general_loss, knows = {}, {}, {}, {}
     log.info("generating for %d %s examples, base then tuned", len(rows), split)
     amp = model_stage.autocast(loaded.device, loaded.compute_dtype)
     soft_prompt = recipe.method.spec.trains == "soft prompt"
-    cache_key = base_cache_key(recipe, loaded, prompts, chunks)
-    cached = cache_key and read_cached("eval", cache_key)
-    if not (isinstance(cached, dict) and len(cached.get("texts", ())) == len(prompts) and "general_loss" in cached):
-        cached = None  # none, or damaged: generated again
+    base_key = base_cache_key(recipe, loaded, prompts, chunks, questions)
+    cached = read_base_cache(base_key, len(prompts), questions)
     if cached:  # the base model's outputs on these very inputs, from an earlier evaluation
         texts["base"], general_loss["base"], seconds["base"] = cached["texts"], cached["general_loss"], 0.0
-    for which in ("tuned",) if cached else ("base", "tuned"):
+        if questions:
+            knows["base"] = knowledge.KnowledgeScore.from_json(cached["knowledge"])
+    shot_keys = {k: base_key and cache_key(base_cache_key(recipe, loaded, p, None), {"shots": k})
+                 for k, (p, _, _) in shot_sets.items()}  # of the k-shot prompts: k, the seed, the examples drawn
+    shot_texts = {k: hit["texts"] for k, key in shot_keys.items() if (hit := read_base_cache(key, len(rows)))}
+    todo = [k for k in shot_sets if k not in shot_texts]
+
+    def generated(m, these, unpadded=False):
+        return generate(m, loaded.tokenizer, these, is_encoder_decoder=loaded.is_encoder_decoder,
+                        max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size,
+                        unpadded=unpadded)
+
+    for which in ("tuned",) if cached and not todo else ("base", "tuned"):
         begun = time.monotonic()
         with base_model(loaded, recipe) if which == "base" else contextlib.nullcontext(model) as m, amp:
-            texts[which] = generate(m, loaded.tokenizer, prompts, is_encoder_decoder=loaded.is_encoder_decoder,
-                                    max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size,
-                                    unpadded=soft_prompt and which == "tuned" and not loaded.is_encoder_decoder)
-            if chunks:
-                general_loss[which] = mean_token_loss(m, chunks, loaded.is_encoder_decoder, recipe.eval.batch_size)
+            if which == "tuned" or not cached:
+                texts[which] = generated(m, prompts, soft_prompt and which == "tuned" and not loaded.is_encoder_decoder)
+                if chunks:
+                    general_loss[which] = mean_token_loss(m, chunks, loaded.is_encoder_decoder, recipe.eval.batch_size)
+                if questions:
+                    knows[which] = knowledge.score_questions(m, loaded.tokenizer, questions,
+                                                             is_encoder_decoder=loaded.is_encoder_decoder,
+                                                             batch_size=recipe.eval.batch_size)
+            if which == "base" and todo:
+                shots_begun = time.monotonic()
+                shot_texts |= {k: generated(m, shot_sets[k][0]) for k in todo}
+                seconds["shots"] = time.monotonic() - shots_begun
             del m  # no reference left when base_model frees a reloaded base and empties the allocator cache
-        seconds[which] = time.monotonic() - begun
-    if cache_key and not cached:
-        write_cached("eval", cache_key, {"texts": texts["base"], "general_loss": general_loss.get("base")})
+        seconds[which] = time.monotonic() - begun - (seconds.get("shots", 0.0) if which == "base" else 0.0)
+    if base_key and not cached:
+        write_cached("eval", base_key, {"texts": texts["base"], "general_loss": general_loss.get("base"),
+                                        "knowledge": knows["base"].to_json() if questions else None})
+    for k in todo:
+        if shot_keys[k]:
+            write_cached("eval", shot_keys[k], {"texts": shot_texts[k], "general_loss": None})
     forgetting = None
     if chunks:
         forgetting = make_forgetting(recipe.eval.forgetting, len(chunks), general_loss["base"], general_loss["tuned"])
@@ -317,21 +349,58 @@ def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str |
         "base_from_cache": bool(cached),
         "forgetting": asdict(forgetting) if forgetting else None,
     }
+    shots = shots_scores(recipe, report["base"], truncated, shot_sets, shot_texts, references)
+    if shots:
+        report["shots"] = {str(k): values for k, values in shots.items()}
+        report["fewshot"] = {"seed": recipe.train.seed, "nested": True, "train_rows": drawn,
+                             "from_cache": sorted(set(shot_sets) - set(todo))}
+    if questions:
+        report["knowledge"] = {"file": recipe.eval.knowledge, "base": knows["base"].to_json(),
+                               "tuned": knows["tuned"].to_json(),
+                               "summary": knowledge.compare_text(knows["base"], knows["tuned"])}
     write_json(eval_json, report)
-    write_samples(samples_md, split, rows, recipe, references, texts)
+    write_samples(samples_md, split, rows, recipe, references,
+                  {**texts, **{f"base, {k}-shot": shot_texts[k] for k in shot_sets}})
     return EvalResult(
         split=split, n=len(rows), base=report["base"], tuned=report["tuned"], seconds=seconds["total"],
         max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size, forgetting=forgetting,
         eval_json=eval_json, samples_md=samples_md, prompts_truncated=truncated, base_from_cache=bool(cached),
+        shots=shots, knowledge=(knows["base"], knows["tuned"]) if questions else None,
     )
 
 
+def read_base_cache(key: str | None, n: int, questions: list | None = None) -> dict | None:
+    """The base model's cached outputs under `key` when whole: a text for each of the n prompts, the general-text
+    loss, and the knowledge score when there are questions; None when missing or damaged (generated again)."""
+    cached = key and read_cached("eval", key)
+    if (isinstance(cached, dict) and len(cached.get("texts", ())) == n and "general_loss" in cached
+            and (questions is None or cached.get("knowledge"))):
+        return cached
+    return None
+
+
+def shots_scores(recipe: Recipe, base: dict[str, float], truncated: int, shot_sets: dict, shot_texts: dict,
+                 references: list[str]) -> dict[int, dict]:
+    """{k: the base model's scores with k examples, rows_lost_examples, prompts_truncated} in eval.shots' order;
+    k = 0 is the zero-shot base, not generated twice."""
+    shots = {}
+    for k in recipe.eval.shots:
+        if k == 0:
+            shots[0] = {**base, "rows_lost_examples": 0, "prompts_truncated": truncated}
+            continue
+        _, lost, cut = shot_sets[k]
+        shots[k] = {**score(shot_texts[k], references, recipe.eval.metrics), "rows_lost_examples": lost,
+                    "prompts_truncated": cut}
+    return shots
+
+
 def base_cache_key(recipe: Recipe, loaded: model_stage.LoadedModel, prompts: list[list[int]],
-                   chunks: list[list[int]] | None) -> str | None:
-    """A sha256 of everything the base model's generations and general-text loss depend on: the model's files,
-    how its base is loaded (4-bit or not, quantization, compute dtype, device), the prompt and general-text tokens
-    (the template, the held-out rows, the tokenizer and the truncation are all in them), the generation settings,
-    the library versions and this code. None where the model cannot be told apart cheaply (source.model_identity)."""
+                   chunks: list[list[int]] | None, questions: list[knowledge.Question] | None = None) -> str | None:
+    """A sha256 of everything the base model's generations, general-text loss and knowledge answers depend on: the
+    model's files, how its base is loaded (4-bit or not, quantization, compute dtype, device), the prompt and
+    general-text tokens (the template, the held-out rows, any few-shot examples, the tokenizer and the truncation
+    are all in them), the questions, the generation settings, the library versions and this code. None where the
+    model cannot be told apart cheaply (source.model_identity)."""
     identity = model_identity(recipe.model)
     if identity is None:
         return None
@@ -342,11 +411,12 @@ def base_cache_key(recipe: Recipe, loaded: model_stage.LoadedModel, prompts: lis
                  "reloaded": not recipe.has_adapter},  # full fine-tuning's base is loaded again, unquantized
         "device": loaded.device, "compute_dtype": str(loaded.compute_dtype),
         "gpu": torch.cuda.get_device_name() if loaded.device == "cuda" else None,
-        "prompts": prompts, "chunks": chunks,
+        "prompts": prompts, "chunks": chunks, "questions": [asdict(q) for q in questions] if questions else None,
         "generation": [recipe.eval.max_new_tokens, recipe.eval.batch_size, loaded.tokenizer.eos_token_id,
                        loaded.tokenizer.pad_token_id],
         "versions": library_versions(),
-        "code": [file_sha256(Path(path)) for path in (model_stage.__file__, data_stage.__file__, __file__)],
+        "code": [file_sha256(Path(path)) for path in (model_stage.__file__, data_stage.__file__, knowledge.__file__,
+                                                      __file__)],
     }
     return cache_key(parts)
 
@@ -356,15 +426,7 @@ def encode_prompts(rows: list[dict], recipe: Recipe, tokenizer, is_encoder_decod
     many were cut (their end of input text is missing: a summary of it cannot be scored fairly)."""
     if not rows:
         raise UserError("the held-out split has no rows with both input and target text")
-    if is_encoder_decoder:
-        limit, encoder = recipe.train.max_source_length, True
-    else:
-        limit, encoder = recipe.train.max_length - recipe.eval.max_new_tokens, False
-        if limit < 1:
-            raise UserError(
-                f"eval.max_new_tokens = {recipe.eval.max_new_tokens} leaves no room for the prompt within "
-                f"train.max_length = {recipe.train.max_length}; lower eval.max_new_tokens"
-            )
+    limit, encoder = prompt_limit(recipe, is_encoder_decoder)
     encoded = [
         data_stage.encode_prompt(row, recipe.prompt, tokenizer, recipe.data.input_column, limit, encoder=encoder)
         for row in rows
@@ -372,16 +434,31 @@ def encode_prompts(rows: list[dict], recipe: Recipe, tokenizer, is_encoder_decod
     return [ids for ids, _ in encoded], sum(cut for _, cut in encoded)
 
 
+def prompt_limit(recipe: Recipe, is_encoder_decoder: bool) -> tuple[int, bool]:
+    """(most prompt tokens, whether the prompt is an encoder's): room for max_new_tokens within train.max_length."""
+    if is_encoder_decoder:
+        return recipe.train.max_source_length, True
+    limit = recipe.train.max_length - recipe.eval.max_new_tokens
+    if limit < 1:
+        raise UserError(
+            f"eval.max_new_tokens = {recipe.eval.max_new_tokens} leaves no room for the prompt within "
+            f"train.max_length = {recipe.train.max_length}; lower eval.max_new_tokens"
+        )
+    return limit, False
+
+
 def write_samples(path: Path, split: str, rows, recipe: Recipe, references, texts: dict[str, list[str]]) -> None:
+    """Each example's input, reference and outputs: base, then any few-shot base ("base, 3-shot"), then tuned."""
     lines = [f"# Samples: base vs tuned ({split} split, {len(rows)} examples)", ""]
-    for i, (row, reference, base, tuned) in enumerate(zip(rows, references, texts["base"], texts["tuned"]), 1):
+    order = ["base", *(label for label in texts if label not in ("base", "tuned")), "tuned"]
+    for i, (row, reference) in enumerate(zip(rows, references)):
         lines += [
-            f"## Example {i}", "", f"**{recipe.data.input_column.capitalize()}**", "", "```text",
+            f"## Example {i + 1}", "", f"**{recipe.data.input_column.capitalize()}**", "", "```text",
             str(row[recipe.data.input_column]).strip(), "```", "",
             f"**Reference:** {reference}", "",
-            f"**Base:** {base or '(empty)'}", "",
-            f"**Tuned:** {tuned or '(empty)'}", "",
         ]
+        for label in order:
+            lines += [f"**{label.capitalize()}:** {texts[label][i] or '(empty)'}", ""]
     path.write_text("\n".join(lines))
 
 

@@ -14,7 +14,9 @@ if TYPE_CHECKING:  # the records carry the stages' own results
     from qlora_lite.data import DataStats
     from qlora_lite.evaluate import EvalResult
     from qlora_lite.export import MergeResult
+    from qlora_lite.gguf_export import GGUFExport
     from qlora_lite.memory import MemoryPlan
+    from qlora_lite.packing import PackStats
     from qlora_lite.train import TrainResult
 
 
@@ -60,6 +62,7 @@ class SetUp:
     held_out: HeldOut | None
     expected_train_s: float | None = None  # from this machine's earlier runs of the model and method; None: first
     expected_eval_s: float | None = None
+    packed: PackStats | None = None  # with [train] packing: how the examples filled the rows
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,22 @@ class MergeSkipped:
 
 
 @dataclass(frozen=True)
+class ExportingGGUF:
+    qtype: str
+    source: Path  # the merged model it is made from
+
+
+@dataclass(frozen=True)
+class ExportedGGUF:
+    result: GGUFExport
+
+
+@dataclass(frozen=True)
+class GGUFSkipped:
+    reason: str
+
+
+@dataclass(frozen=True)
 class MethodStarted:
     method: str
     learning_rate: float
@@ -163,6 +182,7 @@ class MethodRefused:
 
 Event = Union[RecipeResolved, Planned, AutoFitted, SetUp, TrainingStarted, StepDone, StepLogged, MemorySampled,
               StopRequested, BudgetCrossed, Trained, Evaluating, Evaluated, Merging, Merged, MergeSkipped,
+              ExportingGGUF, ExportedGGUF, GGUFSkipped,
               MethodStarted, MethodKept, MethodRefused, TensorBoardWriting]
 Notify = Callable[[Event], None]
 

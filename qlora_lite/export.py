@@ -33,7 +33,7 @@ from qlora_lite import model as model_stage
 from qlora_lite.errors import UserError
 from qlora_lite.recipe import QuantizationRecipe, Recipe
 from qlora_lite.report import metrics_table, recipe_summary
-from qlora_lite.rundir import MERGE_CHECK, MODEL_CARD, TRAINED_FOLDERS, RunDir, read_eval_json, read_run
+from qlora_lite.rundir import MERGE_CHECK, MODEL_CARD, RunDir, export_clash, read_eval_json, read_run
 from qlora_lite.source import CONFIG_FILE, resolve_model_source
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,10 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
     if skip := recipe.method.spec.not_merged:
         raise UserError(f"{run_dir}: {skip}")
     base = merge_base(recipe, base)
+    if base == "original" and recipe.method.spec.uses_lora and recipe.lora.init == "loftq":
+        raise UserError(f'{run_dir}: lora.init = "loftq" started the adapter at the NF4 rounding error of the base '
+                        f'weights; merged into the original weights it would add that correction twice. Merge with '
+                        f'--base dequantized (the default)')
     tokenizer = AutoTokenizer.from_pretrained(rd.adapter, trust_remote_code=recipe.model.trust_remote_code)
     torch_dtype = model_stage.DTYPES[dtype]
     if base == "dequantized":
@@ -135,22 +139,10 @@ def merge_base(recipe: Recipe, base: str) -> str:
 def check_out_not_in_run(out_dir: Path, run_dir: Path) -> None:
     """Refuse, even with --force, an --out where the export would overwrite what training saved (the adapter's
     own config and weights, say) or mix a full model into the run directory or its parents."""
-    clash = out_clash(out_dir.resolve(), run_dir.resolve())
+    clash = export_clash(out_dir.resolve(), run_dir.resolve())
     if clash:
         raise UserError(f"--out {out_dir} is {clash}; merging there would overwrite what training saved: "
                         f"choose another folder (default: {RunDir(run_dir).merged})")
-
-
-def out_clash(out: Path, run: Path) -> str | None:
-    """What `out` is to the run directory `run` when the export must not go there, else None."""
-    if out == run:
-        return "the run directory"
-    if out in run.parents:
-        return f"a parent folder of the run directory {run}"
-    for name in TRAINED_FOLDERS:
-        if out.is_relative_to(run / name):
-            return f"{'' if out == run / name else 'inside '}the run's {name}/"
-    return None
 
 
 def check_out_dir(out_dir: Path, force: bool) -> None:

@@ -1,8 +1,10 @@
 """Stage 7: a merged model as one GGUF file that llama.cpp and Ollama run, checked, with an Ollama Modelfile.
 
-Inputs: a merged model folder (what `merge` writes: safetensors weights, config.json, tokenizer files,
-generation_config.json). Outputs: a .gguf file in f16, bf16 or q8_0 and a `GGUFWritten`; a `GGUFCheck` from loading
-the file back with transformers; the texts of an Ollama Modelfile and of a README saying how to run it.
+Inputs: a run directory whose merged/ (what `merge` writes: safetensors weights, config.json, tokenizer files)
+passed its merge check, or whose model/ a full fine-tune saved. Outputs, in RUN_DIR/gguf-<type>/ or another folder:
+the .gguf file in f16, bf16 or q8_0, gguf_check.json (the file loaded back with transformers and compared with the
+merged model), an Ollama Modelfile and a README (ollama.py); a `GGUFExport`. `export_run` does it all;
+`write_gguf` and `check_gguf` are its two halves, for any merged folder.
 
 The writer does what llama.cpp's convert_hf_to_gguf.py does for these architectures, with llama.cpp's own Python
 library `gguf` (the file writer, the tensor names, the merges and special-token reader, numpy quantization that is
@@ -19,7 +21,6 @@ import json
 import logging
 import math
 import os
-import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -29,7 +30,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from qlora_lite import ollama
 from qlora_lite.errors import UserError, error_line
+from qlora_lite.rundir import GGUF_CHECK, MERGE_CHECK, MODEL_CARD, MODELFILE, RunDir, export_clash, gguf_files, \
+    read_json, read_run, write_json
 from qlora_lite.source import CONFIG_FILE
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,8 @@ log = logging.getLogger(__name__)
 # Hugging Face architecture -> llama.cpp architecture; llama.cpp converts Mistral as "llama".
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
              "Qwen3ForCausalLM": "qwen3"}
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}  # a config read from a GGUF file names no architecture
 PERMUTED = {"llama"}  # llama.cpp's llama graph wants Q/K rows in its rotary order; qwen2 and qwen3 take them as stored
 QTYPES = {
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -129,10 +135,24 @@ class Planned:
 
 def check_supported(config) -> None:
     """Refuse, before any work, a model whose architecture this writer does not convert."""
-    architectures = getattr(config, "architectures", None) or [f"model_type {getattr(config, 'model_type', '?')}"]
+    architectures = getattr(config, "architectures", None) or [
+        MODEL_TYPES.get(getattr(config, "model_type", None), f"model_type {getattr(config, 'model_type', '?')}")]
     if architectures[0] not in SUPPORTED:
         raise UserError(f"GGUF export supports {', '.join(SUPPORTED)}; this model is {architectures[0]}: "
                         f"convert it with llama.cpp's convert_hf_to_gguf.py")
+
+
+def check_tokenizer(tokenizer, vocab_size: int, where: str) -> None:
+    """Refuse a tokenizer this writer cannot put in the file (only byte-level BPE), or one that does not fit the
+    model's embeddings."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    if spec.get("model", {}).get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise UserError(f"the tokenizer {where} is not byte-level BPE (SmolLM2, Qwen, Llama 3 are); a "
+                        f"SentencePiece one (Llama 2, Mistral 7B) needs llama.cpp's convert_hf_to_gguf.py")
+    if (largest := max(tokenizer.get_vocab().values())) >= vocab_size:
+        raise UserError(f"the tokenizer {where} has ids up to {largest}, past the model's vocab_size "
+                        f"{vocab_size}: save the tokenizer the model was trained with beside it")
 
 
 def write_gguf(model_dir: Path, out_path: Path, qtype: str) -> GGUFWritten:
@@ -199,14 +219,7 @@ def read_merged(model_dir: Path):
     if not weights:
         raise UserError(f"{model_dir} has no model*.safetensors weights: give the folder `qlora-lite merge` wrote")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = json.loads(backend.to_str()) if backend is not None else {}
-    if spec.get("model", {}).get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise UserError(f"the tokenizer in {model_dir} is not byte-level BPE (SmolLM2, Qwen, Llama 3 are); a "
-                        f"SentencePiece one (Llama 2, Mistral 7B) needs llama.cpp's convert_hf_to_gguf.py")
-    if (largest := max(tokenizer.get_vocab().values())) >= config.vocab_size:
-        raise UserError(f"the tokenizer in {model_dir} has ids up to {largest}, past the model's vocab_size "
-                        f"{config.vocab_size}: save the tokenizer the model was trained with beside it")
+    check_tokenizer(tokenizer, config.vocab_size, f"in {model_dir}")
     return config, tokenizer, weights
 
 
@@ -495,63 +508,96 @@ def compare(gguf_path: Path, qtype: str, ids: list, loaded_ids: list, reference:
                      scale, top1, tolerance, min_top1)
 
 
-# ---------------------------------------------------------------- Ollama and README
-
-# Ollama's Go template for ChatML. Ollama hands the template the system prompt both as .System and as system
-# messages in .Messages (template.go, collate), so the loop skips those.
-CHATML_TEMPLATE = """{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ end }}
-{{- range .Messages }}{{ if ne .Role "system" }}<|im_start|>{{ .Role }}
-{{ .Content }}<|im_end|>
-{{ end }}{{ end }}<|im_start|>assistant
-"""
+# ---------------------------------------------------------------- a run's export
 
 
-def ollama_modelfile(tokenizer, gguf_name: str, system_prompt: str | None = None) -> str:
-    """An Ollama Modelfile for gguf_name, lying beside it. Only ChatML chat templates (<|im_start|> ... <|im_end|>:
-    SmolLM2, Qwen) are translated to Ollama's template syntax; for others TEMPLATE is left out with a comment."""
-    if re.search(r"[\s/\\\"]", gguf_name):
-        raise UserError(f"GGUF file name {gguf_name!r}: give a bare file name without spaces or quotes")
-    if system_prompt is not None and '"""' in system_prompt:
-        raise UserError('the system prompt contains """, which ends a Modelfile value: remove it')
-    template = getattr(tokenizer, "chat_template", None)
-    vocab = tokenizer.get_vocab()
-    chatml = isinstance(template, str) and all(t in template and t in vocab for t in ("<|im_start|>", "<|im_end|>"))
-    lines = [f"FROM ./{gguf_name}", ""]
-    if chatml:
-        lines += [f'TEMPLATE """{CHATML_TEMPLATE}"""', ""]
-    else:
-        lines += ["# No TEMPLATE: only ChatML chat templates are translated, and this tokenizer's is "
-                  f"{'not ChatML' if template else 'missing'}.",
-                  "# Ollama then matches the chat template stored in the GGUF file to one it knows, or sends the "
-                  "prompt as it is.", ""]
-    stops = ["<|im_end|>"] if chatml else []
-    if tokenizer.eos_token and tokenizer.eos_token not in stops:
-        stops.append(tokenizer.eos_token)
-    lines += [f'PARAMETER stop "{stop}"' for stop in stops]
-    if system_prompt:
-        lines += ["", f'SYSTEM """{system_prompt}"""']
-    return "\n".join(lines) + "\n"
+@dataclass(frozen=True)
+class GGUFExport:
+    out_dir: Path
+    source: Path  # the merged (or fully fine-tuned) model the file was made from
+    written: GGUFWritten
+    check: GGUFCheck
+    seconds: float
 
 
-def run_readme(gguf_name: str, model_name: str) -> str:
-    """How to run the file with llama.cpp and Ollama, and how to make a smaller Q4_K_M from it."""
-    stem = gguf_name.removesuffix(".gguf")
-    return "\n".join([
-        f"# {model_name} (GGUF)", "",
-        f"`{gguf_name}` runs in llama.cpp and Ollama.", "",
-        "## llama.cpp", "",
-        f"    llama-cli -m {gguf_name}                    # chat in the terminal",
-        f"    llama-server -m {gguf_name} --port 8080     # OpenAI-compatible server on http://localhost:8080", "",
-        "## Ollama", "",
-        "From this folder (the Modelfile here points at the file beside it):", "",
-        f"    ollama create {model_name} -f Modelfile",
-        f"    ollama run {model_name}", "",
-        "## Smaller: Q4_K_M", "",
-        "About a third of the F16 size, usually a small loss. It needs llama.cpp's compiled `llama-quantize` (from a "
-        "llama.cpp release or build); quantize from the f16 or bf16 file (a q8_0 one needs --allow-requantize and "
-        "loses more):", "",
-        f"    llama-quantize {gguf_name} {stem}-Q4_K_M.gguf Q4_K_M", "",
-        f"then point the Modelfile's FROM at ./{stem}-Q4_K_M.gguf.", "",
-    ])
+def export_run(run_dir: str | Path, qtype: str, out_dir: str | Path | None = None, *,
+               merged_dir: str | Path | None = None, force: bool = False) -> GGUFExport:
+    """The run's merged model (merged_dir, default RUN_DIR/merged; a full fine-tune's model/) as <name>-<qtype>.gguf
+    in out_dir (default RUN_DIR/gguf-<qtype>), checked, with gguf_check.json, a Modelfile and README.md.
+
+    Refused before anything is written: a type this writer does not make, a run with nothing merged or a merge
+    that failed its check, an architecture or tokenizer it cannot convert, an out_dir inside what training saved or
+    inside the merged model, and (without `force`) an out_dir already holding any of the four files. A file that
+    fails the check is kept to inspect: the caller decides (the CLI exits 4).
+    """
+    started = time.monotonic()
+    rd = RunDir(Path(run_dir))
+    recipe = read_run(rd.path)
+    if qtype not in QTYPES:
+        raise UserError(f"GGUF type must be one of {', '.join(QTYPES)}, got {qtype!r} (Q4_K_M and smaller: "
+                        f"write f16 and run llama.cpp's llama-quantize on it)")
+    source = gguf_source(rd, recipe, merged_dir)
+    read_merged(source)  # architecture, weights and tokenizer: refused here, before the folder is touched
+    out = Path(out_dir) if out_dir is not None else rd.gguf(qtype)
+    clash = export_clash(out.resolve(), rd.path.resolve())
+    if clash or out.resolve().is_relative_to(source.resolve()):
+        raise UserError(f"--out {out} is {clash or f'inside the model it exports ({source})'}: choose another "
+                        f"folder (default: {rd.gguf(qtype)})")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the GGUF export")
+    names = gguf_files(recipe.name, qtype)
+    there = [n for n in names if (out / n).exists()]
+    if there and not force:
+        raise UserError(f"{out} already holds {', '.join(there)}; add --force to replace them (other files there "
+                        f"are kept), or give another folder with --out")
+    written = write_gguf(source, out / names[0], qtype)
+    check = check_gguf(source, written.path, qtype)
+    write_json(out / GGUF_CHECK, {**check.to_json(), "source": str(source), "size_bytes": written.size_bytes,
+                                  "tokenizer_pre": written.tokenizer_pre, "warnings": list(written.warnings),
+                                  "not_checked": NOT_CHECKED})
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    (out / MODELFILE).write_text(ollama.modelfile(tokenizer, names[0], recipe.prompt))
+    (out / MODEL_CARD).write_text(ollama.readme(names[0], recipe.name, recipe.prompt, checked_text(check)))
+    return GGUFExport(out, source, written, check, time.monotonic() - started)
+
+
+NOT_CHECKED = ("how llama.cpp itself splits text into tokens (its C++ pre-tokenizer), runs the graph and its "
+               "kernels; rope scaling keys (transformers' GGUF reader ignores them)")
+
+
+def gguf_source(rd: RunDir, recipe, merged_dir: str | Path | None) -> Path:
+    """The model folder to convert: a verified merge of the adapter, or what a full fine-tune saved."""
+    if merged_dir is None and not recipe.has_adapter:
+        return rd.saved_dir(has_adapter=False)  # the whole model, as trained: nothing to merge or verify
+    if merged_dir is None and (skip := recipe.method.spec.not_merged):
+        raise UserError(f"{rd}: {skip}; GGUF export needs a model with the training merged into its weights")
+    merged = Path(merged_dir) if merged_dir is not None else rd.merged
+    merge_command = f"python -m qlora_lite merge {rd} --out {merged}"
+    if not (merged / CONFIG_FILE).is_file():
+        raise UserError(f"no merged model in {merged}: merge first ({merge_command}, or [export] merge = true in "
+                        f"the recipe), or give the folder a merge wrote with --merged")
+    check_file = merged / MERGE_CHECK
+    if not check_file.is_file():
+        raise UserError(f"{merged} has no {MERGE_CHECK}: it is not a merge qlora_lite verified; merge with "
+                        f"{merge_command}")
+    check = read_json(check_file)
+    if check.get("passed") is not True:
+        raise UserError(f"the merge in {merged} failed its check ({check_file}: {check.get('relative_diff')} of the "
+                        f"logit scale, tolerance {check.get('tolerance')}): a GGUF of it would not be the model that "
+                        f"was trained; merge again ({merge_command} --force)")
+    return merged
+
+
+def checked_text(check: GGUFCheck) -> str:
+    """One paragraph for the README: what the export check compared and found."""
+    if check.relative_diff is None:
+        return f"**The export check failed**: {check.reason}."
+    verdict = "passed" if check.passed else f"**failed** ({check.reason})"
+    return (f"Export check {verdict}: transformers loaded the file back with "
+            f"{'identical' if check.token_ids_match else 'DIFFERENT'} token ids; its logits differ from the merged "
+            f"model's by at most {check.relative_diff:.1e} of the logit scale (tolerance {check.tolerance:.0e}) and "
+            f"the most likely next token agrees at {check.top1_agreement:.0%} of positions ({GGUF_CHECK}). Not "
+            f"checked: {NOT_CHECKED}.")
+

@@ -57,6 +57,11 @@ class KnowledgeScore:
         plain["per_subject"] = {s: list(pair) for s, pair in self.per_subject.items()}
         return plain
 
+    @classmethod
+    def from_json(cls, plain: dict) -> KnowledgeScore:
+        """The score `to_json` wrote (eval.json, the base evaluation's cache)."""
+        return cls(**{**plain, "per_subject": {s: tuple(pair) for s, pair in plain["per_subject"].items()}})
+
 
 # ---------------------------------------------------------------- reading
 

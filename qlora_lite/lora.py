@@ -1,4 +1,5 @@
-"""LoRA on a model: PEFT's `LoraConfig` from the [lora] recipe, with its targets checked against the model's layers.
+"""LoRA on a model: PEFT's `LoraConfig` from the [lora] recipe, with its targets checked against the model's layers,
+and its variants: rsLoRA, DoRA (QDoRA on a 4-bit base) and the initialisations that leave the base weights alone.
 
 Used by model.attach_method for training and, through it, by the planner on its meta-device skeleton, so a bad
 target fails the same way in `plan` and in `run`.
@@ -7,15 +8,41 @@ target fails the same way in `plan` and in `run`.
 from __future__ import annotations
 
 import difflib
-
-import torch
+from pathlib import Path
 
 from qlora_lite.errors import UserError
 from qlora_lite.recipe import LoraRecipe
 
+# Why an init cannot be used here (recipe.py asks before anything loads). PiSSA, CorDA and OLoRA start the adapter
+# from the base weights' own decomposition and subtract it from them: the base a run trains on is then not the base
+# that evaluation, --resume and merge load again from model.name (and on a 4-bit base it is quantized once more).
+REWRITES_BASE = ("rewrites the base weights (base minus the adapter's starting product), so the adapter would no "
+                 "longer fit the base that evaluation, --resume and merge load again from model.name{four_bit}; use "
+                 'init = "default" or "gaussian"')
+INIT_REFUSED = {
+    "pissa": REWRITES_BASE, "corda": REWRITES_BASE, "olora": REWRITES_BASE,
+    "eva": "starts from an SVD of each layer's inputs over the training data (peft.initialize_lora_eva_weights), a "
+           'pass before training that qlora_lite does not run yet; use init = "default" or "gaussian"',
+}
 
-def wrap_lora(model, lora: LoraRecipe, is_encoder_decoder: bool):
-    """PEFT's LoRA on `model` (the planner's meta skeleton too), PEFT's refusals as one recipe error."""
+
+def init_problem(init: str, four_bit: bool) -> str | None:
+    """Why [lora] init cannot be used on this base, or None."""
+    if init == "loftq" and not four_bit:
+        return ('fits the adapter to the 4-bit rounding error of the base, and this method loads a 16-bit base; use '
+                'it with method.kind = "qlora", or init = "default"')
+    if init in INIT_REFUSED:
+        return INIT_REFUSED[init].format(four_bit=" (here a 4-bit base, which would be quantized again)"
+                                         if four_bit else "")
+    return None
+
+
+def wrap_lora(model, lora: LoraRecipe, is_encoder_decoder: bool, source: str | None = None):
+    """PEFT's LoRA on `model` (the planner's meta skeleton too, source None), PEFT's refusals as one recipe error.
+
+    init = "loftq" starts the adapter at the rank-r SVD of what NF4 rounding took from each weight (LoftQ, one
+    iteration, as PEFT's replace_lora_weights_loftq, which runs on CUDA only and ignores alpha / r): the 4-bit base
+    plus the adapter starts closer to the original model. The base weights stay as they were."""
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
@@ -27,21 +54,65 @@ def wrap_lora(model, lora: LoraRecipe, is_encoder_decoder: bool):
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=targets,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        init_lora_weights={"default": True, "loftq": True}.get(lora.init, lora.init),
         task_type=TaskType.SEQ_2_SEQ_LM if is_encoder_decoder else TaskType.CAUSAL_LM,
         # GPT-2's Conv1D stores weights transposed: PEFT would warn and set this itself
         fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),
     )
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
     except ValueError as e:
         if "lora_dropout" in str(e):  # Mixtral-style fused experts (3-D parameters) take no LoRA dropout
             raise UserError(f"lora.dropout: PEFT says: {e} Set lora.dropout = 0 for this model") from None
         raise UserError(f"lora.target_modules: {e}") from None
+    if lora.init == "loftq" and source is not None:
+        loftq_init(model, source)
+    return model
+
+
+def loftq_init(model, source: str) -> None:
+    """Set each 4-bit layer's lora_B @ lora_A * scaling to the rank-r SVD of W - NF4(W), W read from the model's
+    safetensors files; the round trip is export.nf4_round_trip, the weights the 4-bit layer holds."""
+    import bitsandbytes as bnb
+    import torch
+    from safetensors import safe_open
+
+    from qlora_lite.export import nf4_round_trip
+    from qlora_lite.recipe import QuantizationRecipe
+
+    files = {}
+    for path in sorted(Path(source).glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            files.update(dict.fromkeys(f.keys(), path))
+    if not files:
+        raise UserError(f'lora.init = "loftq" reads the unquantized weights from safetensors files; {source} has '
+                        f'none: use init = "default"')
+    for name, layer in model.base_model.model.named_modules():
+        base = getattr(layer, "base_layer", None)
+        if not isinstance(base, bnb.nn.Linear4bit) or "default" not in getattr(layer, "lora_A", {}):
+            continue
+        key = f"{name}.weight"
+        if key not in files:
+            raise UserError(f'lora.init = "loftq": {key} is not in the safetensors files of {source} under that '
+                            f'name; use init = "default"')
+        with safe_open(files[key], "pt") as f:
+            weight = f.get_tensor(key).float()
+        state = base.weight.quant_state
+        quant = QuantizationRecipe(quant_type=state.quant_type, double_quant=state.nested)
+        rounded = nf4_round_trip(weight, quant, base.compute_dtype or torch.float32)
+        u, s, vh = torch.linalg.svd(weight - rounded, full_matrices=False)
+        r, scaling = layer.r["default"], layer.scaling["default"]
+        with torch.no_grad():
+            layer.lora_B["default"].weight.copy_(u[:, :r] * s[:r].sqrt() / scaling)
+            layer.lora_A["default"].weight.copy_(s[:r].sqrt()[:, None] * vh[:r])
 
 
 def check_lora_targets(model, targets: list[str]) -> None:
     """Every listed name must match a layer LoRA can adapt: PEFT is content with one match, so a typo ("v_prj")
     silently trained fewer layers than asked, and a block's name ("self_attn") failed with the block printed."""
+    import torch
     from transformers.pytorch_utils import Conv1D
 
     kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)

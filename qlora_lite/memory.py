@@ -13,6 +13,9 @@ tensor by tensor in tests/test_memory.py:
   gated-MLP intermediates and KV cache are fp32. lora: the same over 16-bit linears, which answer in bf16.
 - prompt_tuning: a frozen base (4-bit or not) over sequences num_virtual_tokens longer (T5: the encoder's only),
   gradients flowing through every block to the soft prompt: LoRA's activations without LoRA's own tensors.
+- ln_tuning, ia3: the same frozen base; trained norms also save their normalized input, each IA3 vector the tensor
+  it scales. DoRA (lora.use_dora) adds its magnitudes' saved base outputs and, per layer and forward, the adapted
+  weight rebuilt to take its norm (one layer at a time; not yet measured on a GPU).
 - full: fp32 weights, gradients and optimizer state for every weight, bf16 autocast on CUDA (fp32 on a CPU, where
   the Trainer does not autocast). Each linear saves its input for its weight gradient, each norm its normalized
   input. Autocast caches the bf16 copy of every fp32 weight it casts until the forward's autocast region exits,
@@ -299,10 +302,25 @@ def _linear_input_bytes(arch: Arch, p: Precision, stream: str, device: str) -> i
 
 
 def _trained_bytes(arch: Arch, p: Precision, recipe: Recipe, stream: str, device: str) -> int:
-    """Per token, what the method's own trainable layers save (prompt tuning adds none inside the blocks)."""
+    """Per token, what the method's own trainable layers save (prompt tuning adds none inside the blocks; IA3's
+    vectors keep the tensor they scale)."""
     if trains_all(arch):
         return _linear_input_bytes(arch, p, stream, device)
-    return _lora_bytes(arch, p, recipe, stream, device)
+    scaled = sum(p.linear_out * width for where, width in arch.ia3_scaled if where == stream)
+    # DoRA keeps the base output and LoRA's output, each scaled by magnitude / weight norm
+    dora = sum((p.linear_out + p.compute) * width for where, width in arch.dora_outputs if where == stream)
+    return _lora_bytes(arch, p, recipe, stream, device) + scaled + dora
+
+
+def trains_norms(arch: Arch) -> bool:
+    """Norm weights train (full fine-tuning, LN tuning): each norm also saves its normalized input."""
+    return trains_all(arch) or METHODS[arch.method].trains == "norm layers"
+
+
+def _dora_bytes(arch: Arch, p: Precision) -> int:
+    """DoRA rebuilds each adapted weight to take its norm: the base weight dequantized (compute dtype), B @ A and
+    their sum (fp32), for one layer at a time, in every forward (on a CPU too)."""
+    return (p.compute + 8) * arch.dora_weight
 
 
 def _attention_bytes(arch: Arch, p: Precision, s_kv: int, kv_ratio: float, device: str) -> float:
@@ -324,7 +342,7 @@ def layer_bytes(arch: Arch, p: Precision, recipe: Recipe, device: str, s: int, s
     h, f = arch.hidden, arch.intermediate
     drop, act_drop = (p.mask if rate else 0 for rate in (arch.dropout, arch.activation_dropout))
     norm = 4 * h + 4 + (p.stream * h if p.stream < 4 and arch.relative_bias else 0)  # T5 keeps both
-    norm += 4 * h if trains_all(arch) else 0
+    norm += 4 * h if trains_norms(arch) else 0
     total = dict(arch.block_norms)[stream] * norm + _attention_bytes(arch, p, s, 1.0, device)
     total += arch.mlp_saved * p.linear_out * f + _trained_bytes(arch, p, recipe, stream, device)
     total += drop * 2 * h + act_drop * f
@@ -360,11 +378,11 @@ def train_transient(arch: Arch, p: Precision, recipe: Recipe, device: str) -> di
     for stream, layers, s in stacks:
         per_token = layer_bytes(arch, p, recipe, device, s, s_enc, stream)
         saved += b * s * (layers * p.stream * h if checkpointing else layers * per_token)
-        final_norm = 4 * h + 4 + (4 * h if full else 0) + (2 * p.mask * h if arch.dropout else 0)  # and dropouts
+        final_norm = 4 * h + 4 + (4 * h if trains_norms(arch) else 0) + (2 * p.mask * h if arch.dropout else 0)
         saved += b * s * final_norm
         recomputed = per_token if checkpointing else 0
         block = max(block, b * s * (recomputed + 8 * h + 2 * p.linear_out * f))
-    block += _dequantized(arch, p, device) + (4 + (c if c < 4 else 0)) * arch.largest_linear
+    block += _dequantized(arch, p, device) + (4 + (c if c < 4 else 0)) * arch.largest_linear + _dora_bytes(arch, p)
     if full and arch.is_encoder_decoder:  # the LM head's input; in fp32 the encoder output every cross-attention reads
         saved += b * s_dec * c * h + (b * s_enc * 4 * h if c == 4 else 0)
     scores = s_enc * s_enc + s_dec * s_dec + s_dec * s_enc  # self-attention of each stack, cross-attention
@@ -414,6 +432,7 @@ def eval_transient(arch: Arch, p: Precision, recipe: Recipe, device: str = "cuda
     prompt = (t.max_source_length if arch.is_encoder_decoder else t.max_length) + arch.virtual_tokens
     wide, narrow = (3, 8) if arch.is_encoder_decoder else (4, 4)
     prefill = b * prompt * (4 * narrow * h + wide * p.linear_out * f) + _dequantized(arch, p, device)
+    prefill += _dora_bytes(arch, p)
     logits = b * arch.vocab * (p.compute + 8)  # the last position only, upcast to fp32 for the argmax
     layers = arch.decoder_layers if arch.is_encoder_decoder else arch.layers
     kv = layers * 2 * b * kv_width * (prompt + new) * p.linear_out

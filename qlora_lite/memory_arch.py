@@ -40,6 +40,9 @@ class Arch:
     trainable_shapes: tuple[tuple[int, ...], ...]  # each trainable tensor, in parameter order
     embedding_indices: tuple[int, ...]  # which of them are nn.Embedding weights (32-bit state in 8-bit optimizers)
     lora_inputs: tuple[tuple[str, int, bool], ...]  # (stream, in_features, reads attention output) of block 0
+    ia3_scaled: tuple[tuple[str, int], ...]  # block 0: (stream, width) of each IA3 vector's scaled tensor
+    dora_outputs: tuple[tuple[str, int], ...]  # block 0: (stream, out_features) of each DoRA layer
+    dora_weight: int  # DoRA: the largest adapted weight, rebuilt (dequantized, plus B @ A) per layer and forward
     linear_inputs: tuple[tuple[str, int, int, bool], ...]  # block 0: (stream, in_features, layers reading, reads att.)
     cast_params: int  # trainable fp32 weights autocast casts (linear layers; TRL casts the LM head itself)
     block_cast_params: int  # of them, in the largest block
@@ -97,6 +100,8 @@ def analyze(recipe: Recipe, config) -> Arch:
         head = None if enc_dec else model.get_output_embeddings()  # TRL's fused head casts it tile by tile
         dims = _dims(config, blocks, _stack_lengths(model, blocks))
         mlp_saved, linear_inputs = _mlp_saved(blocks, config, dims["intermediate"]), _linear_inputs(blocks)
+        # counted before the method is attached: LN tuning wraps each norm beside its trainable copy
+        block_norms = tuple((_stream(name), _norm_count(block)) for name, block in blocks.items())
         # model.py imports torch and transformers at its top, which a cached plan never needs: imported here
         from qlora_lite.model import LoadedModel, attach_method
 
@@ -120,14 +125,15 @@ def analyze(recipe: Recipe, config) -> Arch:
         quantized_numels=q_numels, norm_params=norm, other_params=base_count - sum(q_numels) - norm,
         trainable_shapes=tuple(tuple(p.shape) for p in trainable.values()),
         embedding_indices=tuple(i for i, key in enumerate(trainable) if key in embeddings),
-        lora_inputs=_lora_inputs(wrapped),
+        lora_inputs=_lora_inputs(wrapped), ia3_scaled=_block0(wrapped, "ia3"), dora_outputs=_block0(wrapped, "dora"),
+        dora_weight=max((m.in_features * m.out_features for m in wrapped.modules() if _uses_dora(m)), default=0),
         linear_inputs=linear_inputs, cast_params=sum(casts.values()),
         block_cast_params=max((sum(c.values()) for c in block_casts), default=0),
         largest_linear=max((n for c in block_casts for n in c.values()), default=0),
         virtual_tokens=recipe.method.num_virtual_tokens if recipe.method.spec.trains == "soft prompt" else 0,
         is_encoder_decoder=enc_dec, mlp_saved=mlp_saved, **dims,
         attention=model.config._attn_implementation or "eager", **_dropouts(config),
-        block_norms=tuple((_stream(name), _norm_count(block)) for name, block in blocks.items()),
+        block_norms=block_norms,
         relative_bias=any("relative_attention_bias" in name for name, _ in model.named_modules()),
         **_max_positions(config))
 
@@ -245,6 +251,25 @@ def _lora_inputs(peft_model) -> tuple[tuple[str, int, bool], ...]:
         if first_index is None or first_index.group(1) != "0":
             continue
         found.append((_stream(name), module.in_features, _reads_attention(name)))
+    return tuple(found)
+
+
+def _uses_dora(module) -> bool:
+    return bool(getattr(module, "use_dora", {}).get("default"))
+
+
+def _block0(peft_model, kind: str) -> tuple[tuple[str, int], ...]:
+    """Block 0's IA3 layers: (stream, width of the tensor its vector scales: the output, or the down projection's
+    input); or its DoRA layers: (stream, out_features)."""
+    found = []
+    for name, module in peft_model.named_modules():
+        first_index = re.search(r"\.(\d+)\.", name)
+        if first_index is None or first_index.group(1) != "0":
+            continue
+        if kind == "ia3" and "default" in getattr(module, "ia3_l", {}):
+            found.append((_stream(name), module.in_features if module.is_feedforward else module.out_features))
+        elif kind == "dora" and _uses_dora(module):
+            found.append((_stream(name), module.out_features))
     return tuple(found)
 
 

@@ -5,12 +5,15 @@ What stays in which dtype is decided here, and the memory planner models exactly
 - qlora: 4-bit linear layers, embeddings and lm_head in the compute dtype, norms in fp32, LoRA weights in fp32;
 - lora: the same with 16-bit linear layers (the compute dtype);
 - prompt_tuning: a frozen base (4-bit per [quantization]) and `num_virtual_tokens` trainable embeddings in fp32;
+- ln_tuning, ia3: a frozen base (4-bit per [quantization]) with trainable fp32 copies of its norm layers, or fp32
+  IA3 vectors on its key, value and down projections;
 - full: every weight trainable, held in fp32 (master weights) and computed in the compute dtype under autocast.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +139,10 @@ def attach_method(loaded: LoadedModel, recipe: Recipe):
         return unfreeze_all(loaded, recipe.train)
     if trains == "soft prompt":
         return attach_prompt_tuning(loaded, recipe.method, recipe.prompt, recipe.train)
+    if trains == "norm layers":
+        return attach_ln_tuning(loaded, recipe.train)
+    if trains == "ia3 vectors":
+        return attach_ia3(loaded, recipe.train)
     return attach_lora(loaded, recipe.lora, recipe.train)
 
 
@@ -170,7 +177,7 @@ def enable_checkpointing(model, use_reentrant: bool) -> None:
 def attach_lora(loaded: LoadedModel, lora: LoraRecipe, train: TrainRecipe, *, use_reentrant: bool = True):
     """Freeze the base and wrap it with LoRA adapters (qlora and lora)."""
     freeze_base(loaded.model, train, use_reentrant=use_reentrant)
-    loaded.model = wrap_lora(loaded.model, lora, loaded.is_encoder_decoder)
+    loaded.model = wrap_lora(loaded.model, lora, loaded.is_encoder_decoder, loaded.source)
     return loaded.model
 
 
@@ -201,6 +208,56 @@ def attach_prompt_tuning(loaded: LoadedModel, method: MethodRecipe, prompt: Prom
         prompt_tuning_init_text=text or None,
         tokenizer_name_or_path=loaded.source if text else None,
     )
+    loaded.model = get_peft_model(loaded.model, config)
+    return loaded.model
+
+
+def task_type(loaded: LoadedModel):
+    from peft import TaskType
+
+    return TaskType.SEQ_2_SEQ_LM if loaded.is_encoder_decoder else TaskType.CAUSAL_LM
+
+
+def attach_ln_tuning(loaded: LoadedModel, train: TrainRecipe):
+    """Freeze the base and train a copy of every norm layer (PEFT LN tuning; merging swaps the copies in).
+
+    The norms are found by class name on the model itself: PEFT's own table misses most families and, for Qwen2,
+    lists only one of a block's two norms."""
+    from peft import LNTuningConfig, get_peft_model
+
+    freeze_base(loaded.model, train)
+    config = LNTuningConfig(task_type=task_type(loaded), target_modules=norm_layer_names(loaded.model))
+    with warnings.catch_warnings():  # PEFT looks for in/out features on every target, which a norm has not
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        loaded.model = get_peft_model(loaded.model, config)
+    return loaded.model
+
+
+def norm_layer_names(model) -> list[str]:
+    """The last name part of every innermost norm module: input_layernorm, norm, layer_norm, ln_f..."""
+    norms = [(n, m) for n, m in model.named_modules() if "norm" in type(m).__name__.lower()]
+    names = {n.rsplit(".", 1)[-1] for n, m in norms if not any(c is not m and "norm" in type(c).__name__.lower()
+                                                                 for c in m.modules())}
+    if not names:
+        raise UserError('method.kind = "ln_tuning": this model has no norm layers to train; choose another method')
+    return sorted(names)
+
+
+def attach_ia3(loaded: LoadedModel, train: TrainRecipe):
+    """Freeze the base and scale activations by learned vectors (PEFT IA3): the outputs of the key and value
+    projections and the input of the MLP's down projection, as PEFT's table of architectures names them. For a
+    family outside that table: every linear layer's output, and the down projection's input (the linear layers that
+    read the MLP's width)."""
+    from peft import IA3Config, get_peft_model
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as KNOWN
+
+    freeze_base(loaded.model, train)
+    targets = feedforward = None  # PEFT's table for its model type
+    if loaded.model.config.model_type not in KNOWN:
+        shapes = {n: m.in_features for n, m in loaded.model.named_modules() if isinstance(m, torch.nn.Linear)}
+        widest = max(shapes.values())
+        targets, feedforward = "all-linear", sorted({n.rsplit(".", 1)[-1] for n, w in shapes.items() if w == widest})
+    config = IA3Config(task_type=task_type(loaded), target_modules=targets, feedforward_modules=feedforward)
     loaded.model = get_peft_model(loaded.model, config)
     return loaded.model
 

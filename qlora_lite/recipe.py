@@ -23,6 +23,8 @@ from qlora_lite.errors import UserError, utf8_text
 from qlora_lite.methods import METHODS, Method
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# [lora] init: PEFT's init_lora_weights by another name ("default" is its True); lora.py says which a run can use
+LORA_INITS = ("default", "gaussian", "olora", "loftq", "eva", "pissa", "corda")
 
 
 class RecipeError(UserError):
@@ -68,7 +70,8 @@ class PromptRecipe:
 @dataclass(frozen=True)
 class MethodRecipe:
     kind: Literal[tuple(METHODS)] = _opt(  # type: ignore[valid-type]  (the names of methods.METHODS)
-        "qlora", doc="qlora = LoRA on a 4-bit base; lora = on a 16-bit base; full = every weight; prompt_tuning"
+        "qlora", doc="qlora = LoRA on a 4-bit base; lora = on a 16-bit base; full = every weight; prompt_tuning; "
+                     "ln_tuning = the norm layers; ia3 = scaling vectors"
     )
     num_virtual_tokens: int = _opt(20, lo=1, hi=512, doc="prompt_tuning: trainable soft-prompt tokens")
     prompt_tuning_init_text: str | None = _opt(
@@ -97,6 +100,12 @@ class LoraRecipe:
     alpha: float = _opt(32, lo=0, doc="scale: the update is multiplied by alpha / r")
     dropout: float = _opt(0.05, lo=0, hi=0.99, doc="dropout on the LoRA input")
     target_modules: str | list[str] = _opt("all-linear", doc='"all-linear" or a list of module names')
+    use_rslora: bool = _opt(False, doc="rank-stabilized LoRA: scale the update by alpha / sqrt(r) instead")
+    use_dora: bool = _opt(False, doc="DoRA: also train each layer's weight magnitude (slower: a weight norm per "
+                                     "layer and step)")
+    init: Literal[LORA_INITS] = _opt(  # type: ignore[valid-type]
+        "default", doc="LoRA's starting weights: default (B = 0), gaussian, loftq (4-bit base: fits the adapter to "
+                       "the rounding error); olora, pissa, corda, eva are refused (see lora.py)")
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,10 @@ class TrainRecipe:
     gradient_checkpointing: bool = _opt(True, doc="recompute activations in backward to save memory")
     group_by_length: bool = _opt(False, doc="batch sequences of similar length (less padding; the loss curve "
                                             "zigzags more)")
+    packing: bool = _opt(False, doc="decoder-only: several examples per row of max_length, no attention between "
+                                    "them (no padding work)")
+    loraplus_lr_ratio: float | None = _opt(None, lo=1, doc="LoRA+: lora_B trains at learning_rate x this "
+                                                           "(e.g. 16); LoRA methods only")
     optimizer: Literal[
         "auto", "adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit", "adafactor"
     ] = _opt("auto", doc="auto = paged_adamw_8bit on CUDA, adamw_torch on CPU")
@@ -155,6 +168,10 @@ class EvalRecipe:
     max_samples: int | None = _opt(None, lo=1, doc="evaluate on the first N examples")
     metrics: list[Literal["rouge", "bleu"]] = _opt(("rouge",), doc='ROUGE always; add "bleu" for sacrebleu BLEU')
     forgetting: str | None = _opt(None, doc="a .txt/.jsonl (column text) file or dataset id: loss before/after")
+    knowledge: str | None = _opt(None, doc="a .jsonl of multiple-choice questions (question, choices, answer): "
+                                           "base vs tuned accuracy")
+    shots: list[int] = _opt((), doc="few-shot baselines, e.g. [0, 1, 3]: the base model with k training examples "
+                                    "before each prompt")
 
 
 @dataclass(frozen=True)
@@ -162,6 +179,9 @@ class ExportRecipe:
     merge: bool = _opt(False, doc="merge the adapter into a full-precision copy at the end of run")
     dtype: Literal["bf16", "fp16", "fp32"] = _opt("bf16", doc="dtype of the merged export")
     base: Literal["dequantized", "original"] = _opt("dequantized", doc="merge into the NF4-rounded base")
+    gguf: Literal["f16", "bf16", "q8_0"] | None = _opt(
+        None, doc="also write the merged model as GGUF for llama.cpp/Ollama (RUN_DIR/gguf-<type>/), checked"
+    )
 
 
 @dataclass(frozen=True)
@@ -431,6 +451,7 @@ def _cross_checks(s: dict, base_dir: Path, files_must_exist: bool = True) -> lis
         )
     if method.kind != "prompt_tuning" and method.prompt_tuning_init_text is not None:
         problems.append('method.prompt_tuning_init_text: only used with [method] kind = "prompt_tuning"')
+    problems += _lora_variant_checks(s)
     if not model.name:
         problems.append('model.name: required, e.g. name = "google/flan-t5-base" or a local folder')
     if model.gguf_file is not None and not model.gguf_file.endswith(".gguf"):
@@ -452,6 +473,17 @@ def _cross_checks(s: dict, base_dir: Path, files_must_exist: bool = True) -> lis
     if data.target_column in placeholders(prompt.template):
         problems.append(f"prompt.template: uses {{{data.target_column}}}, the target column: the model would read "
                         f"the answer in its prompt; use the input column {{{data.input_column}}}")
+    export = s["export"]
+    if export.gguf is not None and method.spec.not_merged and method.spec.has_adapter:
+        problems.append(f"export.gguf: {method.spec.not_merged}; GGUF export needs a model with the training in "
+                        f"its weights: remove export.gguf")
+    elif export.gguf is not None and not export.merge and method.spec.has_adapter:
+        problems.append("export.gguf: the GGUF file is made from the merged model: set [export] merge = true too")
+    if train.packing and method.spec.trains == "soft prompt":
+        problems.append("train.packing: prompt tuning puts its virtual tokens before each row, so packed examples "
+                        "would share one soft prompt and see each other; set packing = false for prompt_tuning")
+    if train.packing and train.group_by_length:
+        problems.append("train.packing: rows are already packed to train.max_length; remove train.group_by_length")
     if prompt.system is not None and not prompt.chat_template:
         problems.append("prompt.system: only used with prompt.chat_template = true")
     if s["eval"].enabled and data.test is None and data.eval is None:
@@ -469,6 +501,9 @@ def _cross_checks(s: dict, base_dir: Path, files_must_exist: bool = True) -> lis
 
     if forgetting and forgetting.endswith((".txt", *DATA_FILE_SUFFIXES)) and missing(forgetting):
         problems.append(_not_found("eval.forgetting", forgetting, base_dir))
+    if s["eval"].knowledge and missing(s["eval"].knowledge):
+        problems.append(_not_found("eval.knowledge", s["eval"].knowledge, base_dir))
+    problems += _shots_checks(s["eval"].shots, data.max_train_samples)
     if budget.gpu is not None and budget.gpu_memory_gib is not None:
         problems.append("budget: set gpu or gpu_memory_gib, not both")
     for split in ("train", "eval", "test"):
@@ -492,6 +527,48 @@ def _cross_checks(s: dict, base_dir: Path, files_must_exist: bool = True) -> lis
     return problems
 
 
+def _lora_variant_checks(s: dict) -> list[str]:
+    """LoRA's variants need a method that trains LoRA, and an init that works on the base the method loads."""
+    from qlora_lite.lora import init_problem  # lora.py reads LoraRecipe from here
+
+    lora, method, train = s["lora"], s["method"], s["train"]
+    lora_methods = ", ".join(f'"{k}"' for k, m in METHODS.items() if m.uses_lora)
+    used = [f"lora.{k} = {_toml_value(getattr(lora, k))}" for k in ("use_dora", "use_rslora", "init")
+            if getattr(lora, k) != getattr(LoraRecipe(), k)]
+    if train.loraplus_lr_ratio is not None:
+        used.append(f"train.loraplus_lr_ratio = {train.loraplus_lr_ratio!r}")
+    if not method.spec.uses_lora:
+        return [f'{key}: a LoRA setting, but method.kind = "{method.kind}" trains no LoRA; remove it or set '
+                f'[method] kind to {lora_methods}' for key in used]
+    four_bit = method.spec.quantizes(s["quantization"].load_in_4bit)
+    problem = init_problem(lora.init, four_bit)
+    if problem:
+        return [f"lora.init = {_toml_value(lora.init)}: {problem}"]
+    if lora.init == "loftq" and s["export"].base == "original":
+        return ['lora.init = "loftq" with export.base = "original": the adapter starts at the NF4 rounding error of '
+                'the base weights, and merged into the original weights it would add that correction twice; set '
+                'export.base = "dequantized"']
+    if lora.init == "loftq" and lora.use_dora:  # DoRA's magnitudes are taken from the weights before LoftQ moves them
+        return ['lora.init = "loftq" with lora.use_dora = true: not supported together; drop one of them']
+    return []
+
+
+def _shots_checks(shots: tuple[int, ...], max_train_samples: int | None) -> list[str]:
+    """eval.shots: distinct k >= 0, each at most the training rows where data.max_train_samples bounds them (run
+    checks the rows it loaded)."""
+    problems = [f"eval.shots: {k} is negative; give numbers of examples, 0 or more, e.g. shots = [0, 1, 3]"
+                for k in shots if k < 0]
+    twice = sorted({k for k in shots if shots.count(k) > 1})
+    if twice:
+        problems.append(f"eval.shots: {', '.join(map(str, twice))} given more than once; give each k once")
+    over = [k for k in shots if max_train_samples is not None and k > max_train_samples]
+    if over:
+        problems.append(f"eval.shots: {max(over)} examples, more than the training rows data.max_train_samples = "
+                        f"{max_train_samples} keeps; lower eval.shots to at most {max_train_samples} or raise "
+                        f"data.max_train_samples")
+    return problems
+
+
 def _not_found(key: str, value: str, base_dir: Path) -> str:
     return f"{key}: file {value} not found (looked in {(base_dir / value).resolve()})"
 
@@ -508,9 +585,10 @@ def _resolve_data_paths(data: DataRecipe, base_dir: Path) -> DataRecipe:
 
 
 def _resolve_forgetting_path(ev: EvalRecipe, base_dir: Path) -> EvalRecipe:
-    if ev.forgetting is not None and (base_dir / ev.forgetting).exists():
-        return dataclasses.replace(ev, forgetting=str((base_dir / ev.forgetting).resolve()))
-    return ev
+    """eval.forgetting and eval.knowledge, when they name files, against the recipe's folder."""
+    changes = {key: str((base_dir / value).resolve()) for key in ("forgetting", "knowledge")
+               if (value := getattr(ev, key)) is not None and (base_dir / value).exists()}
+    return dataclasses.replace(ev, **changes)
 
 
 def _resolve_model_path(model: ModelRecipe, base_dir: Path) -> ModelRecipe:

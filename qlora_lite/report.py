@@ -48,7 +48,7 @@ def recipe_summary(recipe: Recipe) -> list[tuple[str, str]]:
                          f"{q.compute_dtype}" if recipe.load_in_4bit
                          else f"none (16/32-bit base, compute {q.compute_dtype})"),
         ("LoRA", f"r {lora.r}, alpha {lora.alpha:g}, dropout {lora.dropout:g}, targets {targets}"
-                 if recipe.method.spec.uses_lora else "not used"),
+                 + "".join(f", {v}" for v in lora_variants(recipe)) if recipe.method.spec.uses_lora else "not used"),
         ("training", f"{schedule}, micro-batch {train.micro_batch_size} x {train.gradient_accumulation_steps} "
                      f"accumulation, lr {train.learning_rate:g} {train.lr_scheduler}, seed {train.seed}"),
         ("lengths", length),
@@ -56,6 +56,14 @@ def recipe_summary(recipe: Recipe) -> list[tuple[str, str]]:
         ("prompt", "`" + recipe.prompt.template.replace("\n", "\\n").replace("|", "\\|") + "`"
                    + (" in the chat template" if recipe.prompt.chat_template else "")),
     ]
+
+
+def lora_variants(recipe: Recipe) -> list[str]:
+    """The LoRA variants a recipe turns on, as the report names them."""
+    lora, ratio = recipe.lora, recipe.train.loraplus_lr_ratio
+    return ([name for name, on in (("rsLoRA", lora.use_rslora), ("DoRA", lora.use_dora)) if on]
+            + ([f"init {lora.init}"] if lora.init != "default" else [])
+            + ([f"LoRA+ (lora_B at {ratio:g}x the rate)"] if ratio is not None else []))
 
 
 def method_summary(recipe: Recipe) -> str:
@@ -66,13 +74,22 @@ def method_summary(recipe: Recipe) -> str:
 
 
 def metrics_table(report: dict) -> list[str]:
-    """Markdown rows of eval.json's base and tuned metrics, in percent."""
+    """Markdown rows of eval.json's base, few-shot base and tuned metrics, in percent."""
     keys = shown_metrics(report)
     lines = [f"{report.get('n', '?')} examples of the {report.get('split', '?')} split.", "",
              "| | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
-    for model in ("base", "tuned"):
-        lines.append(f"| {model} | " + " | ".join(f"{100 * report[model][k]:.2f}" for k in keys) + " |")
+    rows = {"base": report["base"], **shot_rows(report, keys), "tuned": report["tuned"]}
+    for model, scores in rows.items():
+        lines.append(f"| {model} | " + " | ".join(f"{100 * scores[k]:.2f}" for k in keys) + " |")
     return lines
+
+
+def shot_rows(report: dict, keys: list[str]) -> dict[str, dict]:
+    """{"base, 3-shot": scores} for eval.json's few-shot baselines but 0-shot (the base row), those with every
+    metric in `keys`."""
+    shots = report.get("shots") if isinstance(report.get("shots"), dict) else {}
+    return {f"base, {k}-shot": scores for k, scores in shots.items() if k != "0" and isinstance(scores, dict)
+            and all(isinstance(scores.get(key), (int, float)) for key in keys)}
 
 
 def shown_metrics(report: dict) -> list[str]:
@@ -127,8 +144,10 @@ def evaluation_section(rd: RunDir) -> list[str]:
     except (OSError, ValueError) as e:
         return [f"{path.name} cannot be read ({error_line(e)}): re-run `python -m qlora_lite eval {rd}`."]
     keys = shown_metrics(report)
-    plot_bars(rd.rouge_png, keys, {m: [100 * report[m][k] for k in keys] for m in ("base", "tuned")})
+    groups = {"base": report["base"], **shot_rows(report, keys), "tuned": report["tuned"]}
+    plot_bars(rd.rouge_png, keys, {m: [100 * scores[k] for k in keys] for m, scores in groups.items()})
     lines = metrics_table(report) + ["", f"![base vs tuned]({rd.rouge_png.name})"]
+    lines += fewshot_lines(report)
     if report.get("in_train"):
         lines += ["", f"**{report['in_train']} of the {report.get('n')} held-out examples also appear in the training "
                       f"data** (the same input text): their scores measure memory, not generalization."]
@@ -140,7 +159,38 @@ def evaluation_section(rd: RunDir) -> list[str]:
         lines += ["", f"Forgetting on `{f['source']}` ({f['tokens']} tokens): loss {f['base_loss']:.4f} -> "
                       f"{f['tuned_loss']:.4f}, perplexity {f['base_perplexity']:.2f} -> {f['tuned_perplexity']:.2f} "
                       f"({f['perplexity_change_pct']:+.1f}%)."]
+    lines += knowledge_lines(report.get("knowledge"))
     return lines
+
+
+def fewshot_lines(report: dict) -> list[str]:
+    """What the base, k-shot rows are, and how many prompts dropped examples to fit."""
+    shots = report.get("shots")
+    if not isinstance(shots, dict) or not any(k != "0" for k in shots):
+        return []
+    seed = (report.get("fewshot") or {}).get("seed")
+    lost = [f"{s['rows_lost_examples']} {k}-shot prompts dropped examples to fit train.max_length"
+            for k, s in shots.items() if isinstance(s, dict) and s.get("rows_lost_examples")]
+    return ["", f"base, k-shot: the base model with k training examples (drawn once with seed {seed}, the same for "
+                f"every row, never the row itself) before each prompt: what prompting alone gives, no training."
+                + "".join(f" {line}." for line in lost)]
+
+
+def knowledge_lines(found) -> list[str]:
+    """Base -> tuned accuracy on the knowledge probe with its 95% interval, and what chance is."""
+    from qlora_lite.knowledge import KnowledgeScore, compare_text
+
+    try:
+        base, tuned = KnowledgeScore.from_json(found["base"]), KnowledgeScore.from_json(found["tuned"])
+    except (KeyError, TypeError):
+        return [] if found is None else ["", "The knowledge probe's scores in eval.json cannot be read."]
+    text = compare_text(base, tuned)
+    near_chance = all(s.ci_low <= s.chance <= s.ci_high for s in (base, tuned))
+    note = ("Near-chance accuracy is expected of a small model, not a fault; on a larger one a drop beyond the "
+            "intervals is general knowledge the tuning cost." if near_chance else
+            "A drop beyond the intervals is general knowledge the tuning cost.")
+    return ["", f"{text[0].upper()}{text[1:]}. Questions from `{Path(str(found.get('file'))).name}`; chance is "
+                f"1 / the number of choices. {note}"]
 
 
 def memory_section(rd: RunDir) -> list[str]:

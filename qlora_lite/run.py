@@ -1,5 +1,5 @@
 """The whole job, in order: recipe → memory plan → data → model → adapter (per [method]) → train (watched) →
-evaluate → merge → report.
+evaluate → merge → GGUF → report.
 
 `run` is the one place that calls every stage; read it top to bottom. It prints nothing: it reports what it
 decided and measured as typed events (events.py) through `notify`, which the CLI renders.
@@ -17,7 +17,8 @@ from importlib import metadata
 from pathlib import Path
 
 from qlora_lite import data as data_stage
-from qlora_lite import evaluate, events, export, memory, monitor, report, tracking
+from qlora_lite import evaluate, events, export, fewshot, gguf_export, knowledge, memory, monitor, packing, report
+from qlora_lite import tracking
 from qlora_lite import model as model_stage
 from qlora_lite import train as train_stage
 from qlora_lite.errors import BudgetError, Interrupted, UserError
@@ -39,6 +40,7 @@ class RunResult:
     plan: memory.MemoryPlan
     evaluation: evaluate.EvalResult | None
     merged: export.MergeResult | None
+    gguf: gguf_export.GGUFExport | None
     report: Path
     seconds: float
 
@@ -65,8 +67,18 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
     held_out_split, held_out = evaluate.held_out_rows(recipe, splits=splits) if recipe.eval.enabled else (None, [])
     if recipe.eval.forgetting:
         evaluate.forgetting_texts(recipe.eval.forgetting)  # a missing or unreadable text fails now, not after training
+    if recipe.eval.knowledge and held_out:
+        knowledge.read_questions(recipe.eval.knowledge)  # a bad question too
+    if held_out:
+        fewshot.check_shots(recipe.eval.shots, splits["train"], recipe.data)  # more shots than training rows too
     train_stage.seed_run(recipe.train, device)  # before anything draws: every method of compare starts alike
     loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train, recipe.method, recipe.prompt)
+    if recipe.export.gguf:  # an architecture or tokenizer the GGUF writer cannot convert: said before training
+        gguf_export.check_supported(loaded.model.config)
+        gguf_export.check_tokenizer(loaded.tokenizer, loaded.model.config.vocab_size, f"of {recipe.model.name}")
+    if recipe.train.packing and loaded.is_encoder_decoder:
+        raise UserError("train.packing: an encoder-decoder model reads each prompt in its encoder and cannot pack "
+                        "examples into one row; set packing = false for this model")
     if held_out:  # prompts that leave no room for eval.max_new_tokens, found before training
         evaluate.encode_prompts(held_out, recipe, loaded.tokenizer, loaded.is_encoder_decoder)
     train_ds, stats = data_stage.build_examples(
@@ -83,24 +95,29 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
             splits["eval"], loaded.tokenizer, recipe.data, recipe.prompt, recipe.train, loaded.is_encoder_decoder,
             split="eval",
         )
+    packed = None
+    if recipe.train.packing:  # several examples per row: steps, epochs and tokens per step count rows, not examples
+        train_ds, packed = packing.pack(train_ds, recipe.train.max_length)
+        eval_ds = packing.pack(eval_ds, recipe.train.max_length)[0] if eval_ds is not None else None
+    rows = packed.rows if packed else stats.rows
     create_run_dir(rd, recipe, loaded.device)
     if "tensorboard" in recipe.train.report_to:
         notify = events.tee(notify, tracking.TensorBoardLog(rd.tensorboard))
         notify(events.TensorBoardWriting(rd.tensorboard))
     model_stage.attach_method(loaded, recipe)
     trainable, total = model_stage.count_parameters(loaded.model)
-    steps = train_stage.planned_steps(recipe.train, stats.rows)
+    steps = train_stage.planned_steps(recipe.train, rows)
     effective_batch = recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps
     probe = monitor.open_probe(loaded.device)
     leaked = data_stage.rows_also_in(held_out, splits["train"], recipe.data.input_column) if held_out else 0
-    tokens_per_step = stats.tokens_total / stats.rows * effective_batch
+    tokens_per_step = stats.tokens_total / rows * effective_batch
     speed_key = measured_speed_key(recipe, loaded)
     speed = (speed_key and read_cached("speed", speed_key)) or {}
     notify(events.SetUp(
         device=loaded.device, compute_dtype=str(loaded.compute_dtype).removeprefix("torch."),
         trainer="encoder-decoder (Seq2SeqTrainer)" if loaded.is_encoder_decoder else "decoder-only (SFTTrainer)",
         method=recipe.method.kind, optimizer=optimizer, trainable_params=trainable, total_params=total, data=stats,
-        effective_batch=effective_batch, steps=steps, epochs=steps * effective_batch / stats.rows,
+        effective_batch=effective_batch, steps=steps, epochs=steps * effective_batch / rows, packed=packed,
         tokens_per_step=tokens_per_step, not_measured=tuple(probe.missing),
         held_out=events.HeldOut(held_out_split, len(held_out), leaked) if held_out else None,
         expected_train_s=steps * tokens_per_step / speed["train_tokens_per_s"] if speed.get("train_tokens_per_s")
@@ -153,8 +170,16 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
         merged = export.merge_run(rd.path, rd.merged, dtype=recipe.export.dtype, base=recipe.export.base,
                                   force=resume)  # a resumed run's merged/ is its own export of fewer steps: replaced
         notify(events.Merged(merged))
+    gguf = None
+    if recipe.export.gguf and merged is not None and not merged.check.passed:
+        notify(events.GGUFSkipped("the merge failed its check: a GGUF of it would not be the model that was trained"))
+    elif recipe.export.gguf:  # from the merge, or (full fine-tuning: nothing to merge) from what training saved
+        source = merged.out_dir if merged is not None else rd.saved_dir(has_adapter=False)
+        notify(events.ExportingGGUF(recipe.export.gguf, source))
+        gguf = gguf_export.export_run(rd.path, recipe.export.gguf, force=resume)  # a resumed run's: replaced
+        notify(events.ExportedGGUF(gguf))
     report_path = report.write_report(rd.path)
-    return RunResult(rd.path, result, stats, trainable, total, plan, evaluation, merged, report_path,
+    return RunResult(rd.path, result, stats, trainable, total, plan, evaluation, merged, gguf, report_path,
                      time.monotonic() - started)
 
 

@@ -14,6 +14,7 @@ Other modules ask a `RunDir` for a path or a record and never spell a file name.
     eval.json, samples.md  base vs tuned on the run's held-out split (eval-<split>.json, samples-<split>.md: another)
     report.md, loss.png, rouge.png
     merged/                the merged export, with merge_check.json and a model card (README.md)
+    gguf-<type>/           <name>-<type>.gguf made from merged/, gguf_check.json, an Ollama Modelfile, README.md
 
 A comparison of methods lives beside it: <output.dir>/<name>-compare/<method>/ and comparison.json/.md/.png.
 Also here: what a run that stopped early kept and how to go on (`interrupted_message`), the checks of saved files
@@ -41,6 +42,12 @@ TRAINER_STATE, OPTIMIZER, SCHEDULER = "trainer_state.json", "optimizer.pt", "sch
 CHECKPOINT_STATE = (OPTIMIZER, SCHEDULER, "scaler.pt", TRAINER_STATE, "training_args.bin", "README.md")  # besides
 # the weights in a checkpoint: only --resume needs them
 MERGE_CHECK, MODEL_CARD = "merge_check.json", "README.md"  # in a merged export's folder
+GGUF_CHECK, MODELFILE = "gguf_check.json", "Modelfile"  # in a GGUF export's folder, with its README.md
+
+
+def gguf_files(name: str, qtype: str) -> tuple[str, ...]:
+    """The files a GGUF export of run `name` writes into its folder: the model first."""
+    return f"{name}-{qtype}.gguf", GGUF_CHECK, MODELFILE, MODEL_CARD
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,10 @@ class RunDir:
     @property
     def merged(self) -> Path:
         return self.path / MERGED
+
+    def gguf(self, qtype: str) -> Path:
+        """The folder of the run's GGUF export of this type: one per type, each whole (its Modelfile names its file)."""
+        return self.path / f"gguf-{qtype}"
 
     def eval_json(self, split: str | None = None) -> Path:
         """eval.json of the run's own held-out split; eval-<split>.json of another (so the run's own is kept)."""
@@ -239,6 +250,19 @@ def keep_jsonl_rows(path: Path, keep: Callable[[dict], bool]) -> None:
 
 
 # ---------------------------------------------------------------- a comparison's folders
+
+
+def export_clash(out: Path, run: Path) -> str | None:
+    """What `out` (resolved) is to the run directory `run` (resolved) when an export must not write there (it would
+    overwrite what training saved, or mix a model into the run's own folder), else None."""
+    if out == run:
+        return "the run directory"
+    if out in run.parents:
+        return f"a parent folder of the run directory {run}"
+    for name in TRAINED_FOLDERS:
+        if out.is_relative_to(run / name):
+            return f"{'' if out == run / name else 'inside '}the run's {name}/"
+    return None
 
 
 def compare_dir(recipe: Recipe) -> Path:

@@ -9,6 +9,7 @@ logged step in the run's metrics log, and typed progress events (events.py) the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import math
 import os
@@ -23,7 +24,7 @@ import numpy
 import torch
 from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
-from qlora_lite import events
+from qlora_lite import events, packing
 from qlora_lite.errors import BudgetError, UserError
 from qlora_lite.model import LoadedModel
 from qlora_lite.recipe import TrainRecipe
@@ -173,9 +174,10 @@ class RateOnResume(TrainerCallback):
 
     def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
         if state.global_step and isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
-            lr_scheduler.base_lrs = [args.learning_rate] * len(lr_scheduler.base_lrs)
-            for group in lr_scheduler.optimizer.param_groups:
-                group["initial_lr"] = args.learning_rate
+            groups = lr_scheduler.optimizer.param_groups
+            lr_scheduler.base_lrs = [args.learning_rate * g.get("lr_ratio", 1.0) for g in groups]  # LoRA+: per group
+            for group, rate in zip(groups, lr_scheduler.base_lrs):
+                group["initial_lr"] = rate
             lr_scheduler.last_epoch -= 1
             lr_scheduler.step()  # writes the new schedule's rate for this step into the optimizer
 
@@ -216,9 +218,11 @@ def build_trainer(loaded: LoadedModel, train_ds, eval_ds, train: TrainRecipe, rd
     if loaded.is_encoder_decoder:
         from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
+        args = Seq2SeqTrainingArguments(**common)
         return Seq2SeqTrainer(
             model=loaded.model,
-            args=Seq2SeqTrainingArguments(**common),
+            args=args,
+            optimizers=(loraplus_optimizer(loaded.model, train, args), None),
             train_dataset=train_ds,
             eval_dataset=eval_ds,
             data_collator=DataCollatorForSeq2Seq(loaded.tokenizer, model=loaded.model, label_pad_token_id=-100),
@@ -228,10 +232,19 @@ def build_trainer(loaded: LoadedModel, train_ds, eval_ds, train: TrainRecipe, rd
     from trl import SFTConfig, SFTTrainer
 
     dtypes = {name: p.dtype for name, p in loaded.model.named_parameters() if p.requires_grad}
+    # Examples arrive tokenized with labels; TRL must not re-tokenize, truncate or re-mask them.
+    args = SFTConfig(**common, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, packing=False)
+    collator = None  # TRL's: pads each batch to its longest example
+    if train.packing:  # rows the data stage packed (packing.py); a KV cache hides the packed sequences from masking
+        loaded.model.config.use_cache = False
+        pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None \
+            else loaded.tokenizer.eos_token_id
+        collator = functools.partial(packing.collate, pad_id=pad_id)
     trainer = SFTTrainer(
         model=loaded.model,
-        # Examples arrive tokenized with labels; TRL must not re-tokenize, truncate or re-mask them.
-        args=SFTConfig(**common, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, packing=False),
+        args=args,
+        data_collator=collator,
+        optimizers=(loraplus_optimizer(loaded.model, train, args), None),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=loaded.tokenizer,
@@ -244,6 +257,24 @@ def build_trainer(loaded: LoadedModel, train_ds, eval_ds, train: TrainRecipe, rd
         if name in dtypes and param.dtype != dtypes[name]:
             param.data = param.data.to(dtypes[name])
     return trainer
+
+
+def loraplus_optimizer(model, train: TrainRecipe, args):
+    """LoRA+ (train.loraplus_lr_ratio): the Trainer's own optimizer class, with lora_B (and DoRA's magnitudes) at
+    learning_rate x the ratio; None (the Trainer builds its optimizer) when the ratio is unset. Each group keeps its
+    ratio to the peak rate, which RateOnResume scales when a resumed run changes the rate."""
+    if train.loraplus_lr_ratio is None:
+        return None
+    from peft.optimizers import create_loraplus_optimizer
+    from transformers import Trainer
+
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    kwargs.pop("lr", None)
+    optimizer = create_loraplus_optimizer(model, cls, lr=train.learning_rate, loraplus_lr_ratio=train.loraplus_lr_ratio,
+                                          loraplus_weight_decay=train.weight_decay, **kwargs)
+    for group in optimizer.param_groups:
+        group["lr_ratio"] = group["lr"] / train.learning_rate if train.learning_rate else 1.0
+    return optimizer
 
 
 def train(

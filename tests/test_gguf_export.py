@@ -2,9 +2,12 @@
 loads back with the same token ids and logits; the F16 tensors are the model's weights (Q/K rows permuted as
 llama.cpp does), the metadata what llama.cpp reads, Llama 3's rope scaling its rope_freqs; the pre-tokenizer named as
 llama.cpp names it; the check fails a truncated file and a wrong permutation; unsupported models are refused before
-any file is written, and a failed write leaves no file; the Modelfile of a ChatML tokenizer."""
+any file is written, and a failed write leaves no file; the Modelfile of a ChatML tokenizer and of a model trained on
+plain prompts. A run's export through `run` and the `export` command: the four files, one folder per type, nothing
+overwritten without --force, refusals before anything is written, a failed check exiting 4 with the file kept."""
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -12,9 +15,11 @@ import gguf
 import pytest
 import torch
 
-from conftest import corpus, train_tokenizer
-from qlora_lite import gguf_export
+from conftest import corpus, recipe_text, train_tokenizer
+from qlora_lite import gguf_export, ollama
+from qlora_lite.cli import main
 from qlora_lite.errors import UserError
+from qlora_lite.recipe import PromptRecipe
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
           " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -239,14 +244,144 @@ def test_a_failed_write_leaves_the_earlier_file_and_no_partial_one(models, tmp_p
 
 
 def test_modelfile_of_a_chatml_tokenizer_has_template_and_stops():
-    text = gguf_export.ollama_modelfile(chatml_tokenizer(), "tuned-q8_0.gguf", "You summarize dialogues.")
+    chat = PromptRecipe(template="Summarize:\n{dialogue}", chat_template=True, system="You summarize dialogues.")
+    text = ollama.modelfile(chatml_tokenizer(), "tuned-q8_0.gguf", chat)
     assert text.startswith("FROM ./tuned-q8_0.gguf\n")
     assert 'TEMPLATE """{{- if .System }}<|im_start|>system\n' in text and "{{ .Content }}<|im_end|>" in text
     assert 'PARAMETER stop "<|im_end|>"' in text and 'SYSTEM """You summarize dialogues."""' in text
-    plain = gguf_export.ollama_modelfile(train_tokenizer(corpus(), bos=True, specials=["<unk>", "<s>", "</s>"]),
-                                         "m.gguf", None)
+    plain = ollama.modelfile(train_tokenizer(corpus(), bos=True, specials=["<unk>", "<s>", "</s>"]), "m.gguf")
     assert "TEMPLATE" not in plain.replace("# No TEMPLATE", "") and 'PARAMETER stop "</s>"' in plain
     assert "SYSTEM" not in plain
-    readme = gguf_export.run_readme("tuned-f16.gguf", "tuned")
+    readme = ollama.readme("tuned-f16.gguf", "Tuned", chat)
     assert "llama-cli -m tuned-f16.gguf" in readme and "ollama create tuned -f Modelfile" in readme
-    assert "llama-quantize tuned-f16.gguf tuned-f16-Q4_K_M.gguf Q4_K_M" in readme
+    assert "llama-quantize tuned-f16.gguf Tuned-Q4_K_M.gguf Q4_K_M" in readme
+    assert "llama-quantize --allow-requantize t-q8_0.gguf t-Q4_K_M.gguf" in ollama.readme("t-q8_0.gguf", "t")
+    assert "    Summarize:\n    {dialogue}\n" in readme and "system prompt: You summarize dialogues." in readme
+
+
+def test_a_model_trained_on_plain_prompts_gets_the_recipes_template():
+    """A ChatML tokenizer, but training never used its chat template: Ollama must send the recipe's prompt form."""
+    plain = PromptRecipe(template="Summarize {{in braces}}:\n{dialogue}\nSummary: ")
+    text = ollama.modelfile(chatml_tokenizer(), "m.gguf", plain)
+    assert 'TEMPLATE """Summarize {in braces}:\n{{ .Prompt }}\nSummary: """' in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and "<|im_start|>" not in text  # eos <|im_end|>, no ChatML
+    assert ollama.plain_template("{{{{x}}}} {a}") == '{{"{{"}}x}} {{ .Prompt }}'  # a literal "{{" quoted for Go
+    assert ollama.plain_template("{question}\n{context}") is None
+    assert "TEMPLATE" not in ollama.modelfile(chatml_tokenizer(), "m.gguf", PromptRecipe("{a} {b}")).replace(
+        "# No TEMPLATE", "")
+
+
+def test_recipe_gguf_types_are_the_writers():
+    import typing
+
+    from qlora_lite.recipe import ExportRecipe
+
+    hint = typing.get_type_hints(ExportRecipe)["gguf"]
+    assert set(typing.get_args(typing.get_args(hint)[0])) == set(gguf_export.QTYPES)
+
+
+# ---------------------------------------------------------------- a run's export, from the command line
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_data):
+    """A 2-step qlora run of a ChatML Llama, trained on plain prompts, merged (fp32) and exported to Q8_0 by `run`."""
+    folder = tmp_path_factory.mktemp("run")
+    model = save_model(folder / "model", chatml_tokenizer(), "llama", intermediate_size=128)
+    recipe = folder / "r.toml"
+    recipe.write_text(recipe_text(model, tiny_data, folder / "runs", name="Tuned",
+                                  export='merge = true\ndtype = "fp32"\ngguf = "q8_0"'))
+    assert main(["run", str(recipe), "--set", "train.max_steps=2"]) == 0
+    return folder / "runs" / "Tuned"
+
+
+def test_run_exports_a_checked_gguf_with_modelfile_and_readme(trained_run):
+    out = trained_run / "gguf-q8_0"
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "Tuned-q8_0.gguf", "gguf_check.json"]
+    check = json.loads((out / "gguf_check.json").read_text())
+    assert check["passed"] and check["token_ids_match"] and check["relative_diff"] <= gguf_export.TOLERANCE["q8_0"]
+    assert check["source"] == str(trained_run / "merged") and "pre-tokenizer" in check["not_checked"]
+    modelfile = (out / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./Tuned-q8_0.gguf\n")
+    assert 'TEMPLATE """Summarize:\n{{ .Prompt }}\nSummary: """' in modelfile  # the recipe's prompt, as trained
+    readme = (out / "README.md").read_text()
+    assert "Export check passed" in readme and "ollama create tuned -f Modelfile" in readme
+    reader = gguf.GGUFReader(out / "Tuned-q8_0.gguf")
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+
+
+def test_export_command_writes_each_type_beside_and_never_overwrites(trained_run, tmp_path, capsys):
+    assert main(["export", str(trained_run), "--gguf", "f16"]) == 0
+    out = trained_run / "gguf-f16"
+    assert json.loads((out / "gguf_check.json").read_text())["passed"]
+    assert "matches" in capsys.readouterr().out
+    before = (out / "Tuned-f16.gguf").stat().st_mtime_ns
+    (out / "notes.txt").write_text("mine")
+    assert main(["export", str(trained_run), "--gguf", "f16"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds Tuned-f16.gguf, gguf_check.json, Modelfile, README.md" in err and "--force" in err
+    assert (out / "Tuned-f16.gguf").stat().st_mtime_ns == before
+    assert main(["export", str(trained_run), "--gguf", "f16", "--force"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "Tuned-f16.gguf").stat().st_mtime_ns != before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gguf", "q4_k_m"], "got 'q4_k_m'"),
+    (["--gguf", "f16", "--out", "{run}/adapter"], "is the run's adapter/"),
+    (["--gguf", "f16", "--out", "{run}/merged/gguf"], "inside the model it exports"),
+    (["--gguf", "f16", "--merged", "{tmp}/nothing"], "no merged model in"),
+])
+def test_export_refuses_before_writing(trained_run, tmp_path, capsys, args, message):
+    listing = sorted(p.relative_to(trained_run) for p in trained_run.rglob("*"))
+    args = [a.format(run=trained_run, tmp=tmp_path) for a in args]
+    assert main(["export", str(trained_run), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.relative_to(trained_run) for p in trained_run.rglob("*")) == listing
+
+
+def test_a_failed_merge_check_is_not_exported(trained_run, tmp_path, capsys):
+    merged = tmp_path / "merged"
+    shutil.copytree(trained_run / "merged", merged)
+    check = json.loads((merged / "merge_check.json").read_text())
+    (merged / "merge_check.json").write_text(json.dumps({**check, "passed": False}))
+    assert main(["export", str(trained_run), "--gguf", "f16", "--merged", str(merged), "--out",
+                 str(tmp_path / "out")]) == 2
+    assert "failed its check" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_file_that_fails_its_check_exits_4_and_is_kept(trained_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(gguf_export, "PERMUTED", set())  # Q/K rows left in HF order: wrong logits
+    out = tmp_path / "out"
+    assert main(["export", str(trained_run), "--gguf", "f16", "--out", str(out)]) == 4
+    check = json.loads((out / "gguf_check.json").read_text())
+    assert not check["passed"] and "logits differ" in check["reason"] and (out / "Tuned-f16.gguf").is_file()
+    assert "failed" in (out / "README.md").read_text()
+
+
+def test_recipe_refuses_gguf_without_a_merge_and_for_prompt_tuning(tmp_path, tiny_llama, tiny_data, capsys):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(recipe_text(tiny_llama, tiny_data, tmp_path / "runs", export='gguf = "f16"'))
+    assert main(["plan", str(recipe)]) == 2
+    assert "export.gguf: the GGUF file is made from the merged model: set [export] merge = true" in \
+        capsys.readouterr().err
+    assert main(["plan", str(recipe), "--set", "method.kind=prompt_tuning"]) == 2
+    assert "export.gguf: prompt tuning learns virtual input tokens" in capsys.readouterr().err
+    assert main(["plan", str(recipe), "--set", "export.gguf=q4"]) == 2
+    assert "export.gguf: expected one of 'f16', 'bf16', 'q8_0'" in capsys.readouterr().err
+
+
+def test_run_refuses_an_unsupported_model_before_training(tmp_path, tiny_gpt2, tiny_data, capsys):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(recipe_text(tiny_gpt2, tiny_data, tmp_path / "runs", export='merge = true\ngguf = "f16"'))
+    assert main(["run", str(recipe)]) == 2
+    assert "GGUF export supports LlamaForCausalLM" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_full_fine_tune_exports_the_model_it_saved(tmp_path, tiny_data):
+    model = save_model(tmp_path / "model", chatml_tokenizer(), "qwen2", intermediate_size=64)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(recipe_text(model, tiny_data, tmp_path / "runs", export='gguf = "f16"'))
+    assert main(["run", str(recipe), "--set", "method.kind=full", "--set", "train.max_steps=1"]) == 0
+    check = json.loads((tmp_path / "runs" / "t" / "gguf-f16" / "gguf_check.json").read_text())
+    assert check["passed"] and check["source"] == str(tmp_path / "runs" / "t" / "model")

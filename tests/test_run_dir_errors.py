@@ -13,7 +13,8 @@ from conftest import make_rows, recipe_text
 from qlora_lite.cli import main
 from qlora_lite.errors import UserError
 from qlora_lite.evaluate import forgetting_texts
-from qlora_lite.export import out_clash, readable_eval_json
+from qlora_lite.export import readable_eval_json
+from qlora_lite.rundir import export_clash
 
 EVAL = "max_samples = 2\nmax_new_tokens = 4\nbatch_size = 2"
 
@@ -118,8 +119,8 @@ def test_merge_refuses_an_out_that_holds_what_training_saved_even_with_force(run
 
 def test_the_runs_own_merged_folder_and_folders_beside_it_stay_allowed(tmp_path):
     run = tmp_path / "runs" / "r"
-    assert out_clash(run / "merged", run) is None and out_clash(tmp_path / "runs" / "export", run) is None
-    assert out_clash(run / "adapter-copy", run) is None
+    assert export_clash(run / "merged", run) is None and export_clash(tmp_path / "runs" / "export", run) is None
+    assert export_clash(run / "adapter-copy", run) is None
 
 
 # ---------------------------------------------------------------- report on damaged files
