@@ -148,19 +148,21 @@ def held_out_rows(recipe: Recipe, split: str | None = None, splits: dict | None 
 
 
 def generate(model, tokenizer, prompts: list[list[int]], *, is_encoder_decoder: bool, max_new_tokens: int,
-             batch_size: int, unpadded: bool = False) -> list[str]:
+             batch_size: int, soft_prompt: bool = False) -> list[str]:
     """Greedy continuations of token-id prompts, decoded without special tokens and stripped, in input order.
 
     Prompts are batched longest first (a memory problem shows in the first batch) and padded here: on the left
-    for decoder-only models, so every row's last prompt token is where generation starts. `unpadded` batches only
-    prompts of one length: PEFT's prompt tuning drops the position ids that make left padding harmless, so a
-    padded row would be read at shifted positions (its batched output differed from its own).
+    for decoder-only models, so every row's last prompt token is where generation starts. `soft_prompt` (a
+    decoder-only model with PEFT's prompt tuning) batches only prompts of one length: prompt tuning drops the
+    position ids that make left padding harmless, so a padded row would be read at shifted positions; and it
+    generates without the KV cache: with it, every token after the first came out as garbage ("Rachelleakimamm...",
+    the quickstart's tuned soft prompt on transformers 5.25 / peft 0.21; peft#1391 reported the same).
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    if unpadded:
+    if soft_prompt:
         by_length: dict[int, list[int]] = {}
         for i in order:
             by_length.setdefault(len(prompts[i]), []).append(i)
@@ -172,7 +174,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, is_encoder_decoder: 
             with torch.no_grad():
                 out = model.generate(
                     input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                    do_sample=False, num_beams=1, use_cache=True,  # the training config turned the cache off
+                    do_sample=False, num_beams=1, use_cache=not soft_prompt,  # training turned it off: say it
                     eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
                     # Plain greedy, whatever the model's generation_config asks (Qwen2.5's asks for 1.05).
                     repetition_penalty=1.0, no_repeat_ngram_size=0,
@@ -297,10 +299,10 @@ def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str |
     shot_texts = {k: hit["texts"] for k, key in shot_keys.items() if (hit := read_base_cache(key, len(rows)))}
     todo = [k for k in shot_sets if k not in shot_texts]
 
-    def generated(m, these, unpadded=False):
+    def generated(m, these, soft_prompt=False):
         return generate(m, loaded.tokenizer, these, is_encoder_decoder=loaded.is_encoder_decoder,
                         max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size,
-                        unpadded=unpadded)
+                        soft_prompt=soft_prompt)
 
     for which in ("tuned",) if cached and not todo else ("base", "tuned"):
         begun = time.monotonic()

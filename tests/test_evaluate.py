@@ -138,9 +138,29 @@ def test_prompt_tuned_generation_batches_only_prompts_of_one_length(tiny_llama):
     prompts = [tokenizer(r["dialogue"] + "\n")["input_ids"][:24 - 6 * (i % 3)] for i, r in enumerate(rows)]
     assert sorted(map(len, prompts)) == [12, 12, 18, 18, 24, 24]  # three lengths, two prompts each
     settings = dict(is_encoder_decoder=False, max_new_tokens=12)
-    one = generate(model, tokenizer, prompts, batch_size=1, **settings)
-    assert generate(model, tokenizer, prompts, batch_size=6, unpadded=True, **settings) == one
-    assert generate(model, tokenizer, prompts, batch_size=6, **settings) != one  # padded: why unpadded exists
+    one = generate(model, tokenizer, prompts, batch_size=1, soft_prompt=True, **settings)
+    assert generate(model, tokenizer, prompts, batch_size=6, soft_prompt=True, **settings) == one
+    assert generate(model, tokenizer, prompts, batch_size=6, **settings) != one  # padded: why one length a batch
+
+
+def test_prompt_tuned_generation_is_the_greedy_continuation(tiny_llama):
+    """With the KV cache, PEFT's prompt-tuned generate got every token after the first wrong (peft#1391): the
+    soft prompt's output must be what a greedy loop over full forward passes gives."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    model, tokenizer = briefly_trained(tiny_llama, False)
+    torch.manual_seed(0)
+    model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.mul_(20)  # a soft prompt that changes the continuation
+    prompt = tokenizer(make_rows(1, seed=5)[0]["dialogue"] + "\n")["input_ids"][:20]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(10):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+    expected = tokenizer.decode(ids[0, len(prompt):], skip_special_tokens=True).strip()
+    assert generate(model, tokenizer, [prompt], is_encoder_decoder=False, max_new_tokens=10, batch_size=1,
+                    soft_prompt=True) == [expected]
 
 
 def test_pad_batch_pads_on_the_requested_side():
