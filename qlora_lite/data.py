@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_lite.errors import UserError, error_line, utf8_text
-from qlora_lite.recipe import DATA_FILE_SUFFIXES, DataRecipe, PromptRecipe, TrainRecipe, placeholders
+from qlora_lite.recipe import DATA_FILE_SUFFIXES, DataRecipe, PromptRecipe, TrainRecipe, literal_braces, placeholders
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def fill_template(row: dict, template: str) -> str:
     text = template
     for column in dict.fromkeys(placeholders(template)):
         text = text.replace("{" + column + "}", str(row[column]))
-    return text.replace("{{", "{").replace("}}", "}")
+    return literal_braces(text)
 
 
 def special_tokens(tokenizer) -> tuple[list[int], list[int]]:

@@ -537,7 +537,7 @@ def export_run(run_dir: str | Path, qtype: str, out_dir: str | Path | None = Non
         raise UserError(f"GGUF type must be one of {', '.join(QTYPES)}, got {qtype!r} (Q4_K_M and smaller: "
                         f"write f16 and run llama.cpp's llama-quantize on it)")
     source = gguf_source(rd, recipe, merged_dir)
-    read_merged(source)  # architecture, weights and tokenizer: refused here, before the folder is touched
+    _, tokenizer, _ = read_merged(source)  # architecture, weights, tokenizer: refused before the folder is touched
     out = Path(out_dir) if out_dir is not None else rd.gguf(qtype)
     clash = export_clash(out.resolve(), rd.path.resolve())
     if clash or out.resolve().is_relative_to(source.resolve()):
@@ -555,9 +555,6 @@ def export_run(run_dir: str | Path, qtype: str, out_dir: str | Path | None = Non
     write_json(out / GGUF_CHECK, {**check.to_json(), "source": str(source), "size_bytes": written.size_bytes,
                                   "tokenizer_pre": written.tokenizer_pre, "warnings": list(written.warnings),
                                   "not_checked": NOT_CHECKED})
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(source)
     (out / MODELFILE).write_text(ollama.modelfile(tokenizer, names[0], recipe.prompt))
     (out / MODEL_CARD).write_text(ollama.readme(names[0], recipe.name, recipe.prompt, checked_text(check)))
     return GGUFExport(out, source, written, check, time.monotonic() - started)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from qlora_lite.errors import UserError
-from qlora_lite.recipe import PromptRecipe, placeholders
+from qlora_lite.recipe import PromptRecipe, literal_braces, placeholders
 
 # Ollama's Go template for ChatML. Ollama hands the template the system prompt both as .System and as system
 # messages in .Messages (template.go, collate), so the loop skips those.
@@ -67,7 +67,7 @@ def plain_template(template: str) -> str | None:
     if len(columns) != 1:
         return None
     parts = re.split(r"(?<!\{)\{" + re.escape(columns.pop()) + r"\}(?!\})", template)
-    literal = [p.replace("{{", "{").replace("}}", "}").replace("{{", '{{"{{"}}') for p in parts]
+    literal = [literal_braces(p).replace("{{", '{{"{{"}}') for p in parts]
     return "{{ .Prompt }}".join(literal)
 
 
@@ -83,7 +83,7 @@ def readme(gguf_name: str, model_name: str, prompt: PromptRecipe | None = None, 
         how = ("as the user's message of a chat (the chat template wraps it)" if prompt.chat_template
                else "as plain text, followed directly by its answer")
         lines += ["## Prompt it as it was trained", "", f"Training showed it prompts of this form, {how}:", "",
-                  *(f"    {line}" for line in prompt.template.replace("{{", "{").replace("}}", "}").splitlines()), ""]
+                  *(f"    {line}" for line in literal_braces(prompt.template).splitlines()), ""]
         if prompt.system:
             lines += [f"with the system prompt: {prompt.system}", ""]
     lines += [

@@ -440,6 +440,11 @@ def placeholders(template: str) -> list[str]:
     return re.findall(r"(?<!\{)\{([^{}]+)\}(?!\})", template)
 
 
+def literal_braces(text: str) -> str:
+    """A template's text with its escaped braces as they read: `{{` -> `{`, `}}` -> `}`."""
+    return text.replace("{{", "{").replace("}}", "}")
+
+
 def _cross_checks(s: dict, base_dir: Path, files_must_exist: bool = True) -> list[str]:
     problems = []
     model, data, prompt, train, budget = s["model"], s["data"], s["prompt"], s["train"], s["budget"]
