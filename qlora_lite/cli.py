@@ -514,6 +514,11 @@ def setup_table(p: events.SetUp) -> Table:
         f"{stats.truncated_prompts} prompts truncated; longest prompt {stats.prompt_tokens_max} tokens, "
         f"target {stats.target_tokens_max}",
     )
+    if p.mixed:
+        table.add_row("mix", "; ".join(
+            f"{m.key}: {m.rows} examples ({100 * m.rows / sum(s.rows for s in p.mixed):.0f}%, asked "
+            f"{100 * m.weight:.0f}%{f', of {m.available}: some twice' if m.rows > m.available else ''})"
+            for m in p.mixed))
     if p.packed is not None:
         table.add_row("packing", f"{p.packed.examples} examples in {p.packed.rows} rows of up to "
                                  f"{p.packed.max_length:,} tokens, "

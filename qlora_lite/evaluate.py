@@ -136,11 +136,11 @@ def held_out_rows(recipe: Recipe, split: str | None = None, splits: dict | None 
     `splits`: the splits `run` already loaded; else the one split is loaded here."""
     split, where = held_out_split(recipe, split)
     rows = (splits or data_stage.load_splits(recipe.data, recipe.prompt, names=(split,)))[split]
-    columns = (recipe.data.input_column, recipe.data.target_column)
-    kept = [row for row in rows if all(str(row[c] or "").strip() for c in columns)]
+    kept = [row for row in rows if data_stage.usable(row, recipe.data)]
     if not kept:
-        raise UserError(f"data.{split} ({where}): no rows with both {columns[0]!r} and "
-                        f"{columns[1]!r} text to evaluate on")
+        what = ("a last assistant turn with text" if recipe.data.format == "messages" else
+                f"both {recipe.data.input_column!r} and {recipe.data.target_column!r} text")
+        raise UserError(f"data.{split} ({where}): no rows with {what} to evaluate on")
     return split, kept[: recipe.eval.max_samples]
 
 
@@ -274,7 +274,7 @@ def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str |
     limit, encoder = prompt_limit(recipe, loaded.is_encoder_decoder)
     shot_sets, drawn = fewshot.prompt_sets(rows, train_rows, recipe, loaded.tokenizer, limit=limit, encoder=encoder)
     questions = knowledge.read_questions(recipe.eval.knowledge) if recipe.eval.knowledge else None
-    references = [str(row[recipe.data.target_column]).strip() for row in rows]
+    references = [data_stage.target_text(row, recipe.data).strip() for row in rows]
     model = loaded.model
     model.eval()
     gc.collect()  # a finished trainer's optimizer state, before generation's own memory peak
@@ -336,7 +336,7 @@ def evaluate_run(loaded: model_stage.LoadedModel, recipe: Recipe, run_dir: str |
         "tuned": score(texts["tuned"], references, recipe.eval.metrics),
         "n": len(rows),
         "split": split,
-        "in_train": None if train_rows is None else data_stage.rows_also_in(rows, train_rows, recipe.data.input_column),
+        "in_train": None if train_rows is None else data_stage.rows_also_in(rows, train_rows, recipe.data),
         "generation": {
             "max_new_tokens": recipe.eval.max_new_tokens, "batch_size": recipe.eval.batch_size, "do_sample": False,
             "num_beams": 1, "repetition_penalty": 1.0, "use_cache": True, "stop": "eos",
@@ -430,7 +430,7 @@ def encode_prompts(rows: list[dict], recipe: Recipe, tokenizer, is_encoder_decod
         raise UserError("the held-out split has no rows with both input and target text")
     limit, encoder = prompt_limit(recipe, is_encoder_decoder)
     encoded = [
-        data_stage.encode_prompt(row, recipe.prompt, tokenizer, recipe.data.input_column, limit, encoder=encoder)
+        data_stage.encode_prompt(row, recipe.data, recipe.prompt, tokenizer, limit, encoder=encoder)
         for row in rows
     ]
     return [ids for ids, _ in encoded], sum(cut for _, cut in encoded)
@@ -456,7 +456,7 @@ def write_samples(path: Path, split: str, rows, recipe: Recipe, references, text
     for i, (row, reference) in enumerate(zip(rows, references)):
         lines += [
             f"## Example {i + 1}", "", f"**{recipe.data.input_column.capitalize()}**", "", "```text",
-            str(row[recipe.data.input_column]).strip(), "```", "",
+            data_stage.input_text(row, recipe.data).strip(), "```", "",
             f"**Reference:** {reference}", "",
         ]
         for label in order:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Union
 
 if TYPE_CHECKING:  # the records carry the stages' own results
-    from qlora_lite.data import DataStats
+    from qlora_lite.data import DataStats, MixedSource
     from qlora_lite.evaluate import EvalResult
     from qlora_lite.export import MergeResult
     from qlora_lite.gguf_export import GGUFExport
@@ -63,6 +63,7 @@ class SetUp:
     expected_train_s: float | None = None  # from this machine's earlier runs of the model and method; None: first
     expected_eval_s: float | None = None
     packed: PackStats | None = None  # with [train] packing: how the examples filled the rows
+    mixed: tuple[MixedSource, ...] = ()  # with [[data.mix]]: the examples drawn from each source
 
 
 @dataclass(frozen=True)

@@ -23,15 +23,11 @@ from qlora_lite.recipe import DataRecipe, Recipe
 KEY = "eval.shots"
 
 
-def usable(row: dict, data: DataRecipe) -> bool:
-    return all(str(row[c] or "").strip() for c in (data.input_column, data.target_column))
-
-
 def check_shots(shots, train_rows, data: DataRecipe) -> None:
     """A UserError when some k is more than the usable training rows (known once the data is loaded)."""
     need, count = max(shots, default=0), 0
     for row in train_rows:
-        count += usable(row, data)
+        count += data_stage.usable(row, data)
         if count >= need:
             return
     if need > count:
@@ -45,7 +41,7 @@ def draw_examples(train_rows, data: DataRecipe, seed: int, most: int) -> tuple[l
     for i in random.Random(seed).sample(range(len(train_rows)), len(train_rows)):
         if len(drawn) == most:
             break
-        if usable(train_rows[i], data):
+        if data_stage.usable(train_rows[i], data):
             drawn.append(dict(train_rows[i]))
             where.append(i)
     return drawn, where
@@ -64,10 +60,10 @@ def prompt_sets(rows: list[dict], train_rows, recipe: Recipe, tokenizer, *, limi
     return sets, where[: max(ks)]
 
 
-def examples_for(row: dict, drawn: list[dict], k: int, input_column: str) -> list[dict]:
+def examples_for(row: dict, drawn: list[dict], k: int, data: DataRecipe) -> list[dict]:
     """The first k drawn examples whose input is not the row's own."""
-    own = str(row[input_column]).strip()
-    return [ex for ex in drawn if str(ex[input_column]).strip() != own][:k]
+    own = data_stage.input_text(row, data).strip()
+    return [ex for ex in drawn if data_stage.input_text(ex, data).strip() != own][:k]
 
 
 def fewshot_prompts(rows: list[dict], drawn: list[dict], k: int, recipe: Recipe, tokenizer, *, limit: int,
@@ -75,7 +71,7 @@ def fewshot_prompts(rows: list[dict], drawn: list[dict], k: int, recipe: Recipe,
     """(each row's k-shot prompt ids within `limit` tokens, rows that lost examples, rows whose input was cut)."""
     prompts, lost, cut = [], 0, 0
     for row in rows:
-        examples = examples_for(row, drawn, k, recipe.data.input_column)
+        examples = examples_for(row, drawn, k, recipe.data)
         ids, kept, truncated = encode_with_examples(row, examples, recipe, tokenizer, limit, encoder)
         prompts.append(ids)
         lost += kept < k
@@ -88,8 +84,8 @@ def encode_with_examples(row: dict, examples: list[dict], recipe: Recipe, tokeni
     """(prompt ids, examples kept, input cut): examples dropped from the last while the whole prompt does not fit;
     with none left the input text is cut, as for a zero-shot prompt."""
     def encode(shown: list[dict]) -> tuple[list[int], bool]:
-        shots = [(ex, str(ex[recipe.data.target_column]).strip()) for ex in shown]
-        return data_stage.encode_prompt(row, recipe.prompt, tokenizer, recipe.data.input_column, limit,
+        shots = [(ex, data_stage.target_text(ex, recipe.data).strip()) for ex in shown]
+        return data_stage.encode_prompt(row, recipe.data, recipe.prompt, tokenizer, limit,
                                         encoder=encoder, shots=shots)
 
     for kept in range(len(examples), 0, -1):

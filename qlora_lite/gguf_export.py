@@ -556,7 +556,8 @@ def export_run(run_dir: str | Path, qtype: str, out_dir: str | Path | None = Non
                                   "tokenizer_pre": written.tokenizer_pre, "warnings": list(written.warnings),
                                   "not_checked": NOT_CHECKED})
     (out / MODELFILE).write_text(ollama.modelfile(tokenizer, names[0], recipe.prompt))
-    (out / MODEL_CARD).write_text(ollama.readme(names[0], recipe.name, recipe.prompt, checked_text(check)))
+    (out / MODEL_CARD).write_text(ollama.readme(names[0], recipe.name, recipe.prompt, checked_text(check),
+                                                conversations=recipe.data.format == "messages"))
     return GGUFExport(out, source, written, check, time.monotonic() - started)
 
 

@@ -71,7 +71,7 @@ def autocast(device: str, dtype: torch.dtype):
 
 def load_model(model: ModelRecipe, quant: QuantizationRecipe, train: TrainRecipe,
                method: MethodRecipe = MethodRecipe(), prompt: PromptRecipe | None = None, *,
-               base_only: bool = False) -> LoadedModel:
+               base_only: bool = False, conversations: bool = False) -> LoadedModel:
     """Load tokenizer and base model, quantized as the method asks, on the device the recipe asks for.
 
     The tokenizer loads first and is checked against `prompt` (when given), so a model folder without tokenizer
@@ -98,6 +98,10 @@ def load_model(model: ModelRecipe, quant: QuantizationRecipe, train: TrainRecipe
         )
     kwargs["device_map"] = {"": 0} if device == "cuda" else "cpu"
     tokenizer = load_tokenizer(source, model.trust_remote_code, name=f"model.name = {model.name!r}")
+    if conversations and not tokenizer.chat_template:
+        raise UserError(f'data.format = "messages": conversations are rendered with the tokenizer\'s chat template, '
+                        f'and the tokenizer of {model.name} has none; use a chat model, or rows of prompt and '
+                        f'completion text (format = "prompt_completion")')
     if prompt is not None and prompt.chat_template and not tokenizer.chat_template:
         raise UserError(f"prompt.chat_template = true, but the tokenizer of {model.name} has no chat template; "
                         f"set prompt.chat_template = false (prompt.template is then the whole prompt)")

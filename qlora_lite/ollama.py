@@ -71,15 +71,21 @@ def plain_template(template: str) -> str | None:
     return "{{ .Prompt }}".join(literal)
 
 
-def readme(gguf_name: str, model_name: str, prompt: PromptRecipe | None = None, checked: str | None = None) -> str:
-    """How to run the file with llama.cpp and Ollama, how it was prompted in training, what the export check
-    showed, and how to make a smaller Q4_K_M from it."""
+def readme(gguf_name: str, model_name: str, prompt: PromptRecipe | None = None, checked: str | None = None, *,
+           conversations: bool = False) -> str:
+    """How to run the file with llama.cpp and Ollama, how it was prompted in training (`conversations`: on whole
+    chats, data.format = "messages"), what the export check showed, and how to make a smaller Q4_K_M from it."""
     ollama_name, small = model_name.lower(), f"{model_name}-Q4_K_M.gguf"
     requantize = " --allow-requantize" if gguf_name.endswith("q8_0.gguf") else ""  # llama-quantize refuses it else
     lines = [f"# {model_name} (GGUF)", "", f"`{gguf_name}` runs in llama.cpp and Ollama.", ""]
     if checked:
         lines += [checked, ""]
-    if prompt is not None:
+    if prompt is not None and conversations:
+        lines += ["## Prompt it as it was trained", "", "Training showed it whole conversations in its chat template: "
+                  "chat with it (Ollama's TEMPLATE below is that template).", ""]
+        if prompt.system:
+            lines += [f"with the system prompt, where a conversation had none: {prompt.system}", ""]
+    elif prompt is not None:
         how = ("as the user's message of a chat (the chat template wraps it)" if prompt.chat_template
                else "as plain text, followed directly by its answer")
         lines += ["## Prompt it as it was trained", "", f"Training showed it prompts of this form, {how}:", "",

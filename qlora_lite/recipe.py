@@ -49,15 +49,49 @@ class ModelRecipe:
     trust_remote_code: bool = _opt(False, doc="allow model code from the hub")
 
 
+# [data] format: how a row holds its example. "columns": input and target columns and a prompt template;
+# "messages": a list of {role, content} turns in the tokenizer's chat template; "prompt_completion": TRL's names.
+DATA_FORMATS = ("columns", "messages", "prompt_completion")
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class MixRecipe:
+    """One [[data.mix]] table: another dataset drawn into training as `weight` of the examples (e.g. general
+    instructions replayed against forgetting). Its prompts take [prompt] chat_template and system from the main task."""
+    train: str = _opt("", doc="a split of `source`, or a .jsonl/.json/.csv/.parquet path (required)")
+    weight: float = _opt(0.0, lo=0, hi=1, doc="share of the training examples drawn from it (required)")
+    source: str | None = _opt(None, doc="hub dataset id or local folder; optional when train is a file")
+    eval: str | None = _opt(None, doc="its held-out split: the eval loss is also reported for this source")
+    format: Literal[DATA_FORMATS] = _opt("columns", doc="as data.format")  # type: ignore[valid-type]
+    input_column: str = _opt("dialogue", doc="columns format: column the prompt is built from")
+    target_column: str = _opt("summary", doc="columns format: column the model learns to produce")
+    messages_column: str = _opt("messages", doc="messages format: the column of turns")
+    train_on: Literal["all", "last"] = _opt("all", doc="messages format: as data.train_on")
+    template: str | None = _opt(None, doc="columns format: its prompt template (default: the input column alone)")
+
+
 @dataclass(frozen=True)
 class DataRecipe:
     source: str | None = _opt(None, doc="hub dataset id or local folder; optional when splits are files")
     train: str = _opt("train", doc="a split of `source`, or a .jsonl/.json/.csv/.parquet path")
     eval: str | None = _opt(None, doc="held-out split used during training and evaluation")
     test: str | None = _opt(None, doc="final held-out split for evaluation")
+    format: Literal[DATA_FORMATS] = _opt(  # type: ignore[valid-type]
+        "columns", doc='"columns" (input_column, target_column, prompt.template), "messages" (chat turns in '
+                       'messages_column, the chat template), "prompt_completion" (columns prompt and completion)')
     input_column: str = _opt("dialogue", doc="column the prompt is built from")
     target_column: str = _opt("summary", doc="column the model learns to produce")
+    messages_column: str = _opt("messages", doc='format "messages": the column holding a list of {role, content}')
+    train_on: Literal["all", "last"] = _opt("all", doc='format "messages": the loss covers all assistant turns, or '
+                                                       'the last one only')
     max_train_samples: int | None = _opt(None, lo=1, doc="use only the first N training rows")
+    mix: list[MixRecipe] = _opt((), doc="[[data.mix]] tables: other datasets mixed into training (keys below)")
+
+    @property
+    def main_weight(self) -> float:
+        """The main task's share of the training examples when others are mixed in."""
+        return 1.0 - sum(m.weight for m in self.mix)
 
 
 @dataclass(frozen=True)
@@ -290,6 +324,8 @@ def recipe_from_dict(raw: dict, overrides=(), base_dir: Path = Path("."), source
             table = {}
         sections[section] = _build(cls, section, table, problems)
     if not problems:
+        sections["data"], sections["prompt"] = _apply_formats(sections["data"], sections["prompt"], raw, problems)
+    if not problems:
         problems += _cross_checks(sections, base_dir, files_must_exist)
     if problems:
         raise RecipeError(problems, source=source)
@@ -297,6 +333,63 @@ def recipe_from_dict(raw: dict, overrides=(), base_dir: Path = Path("."), source
     sections["model"] = _resolve_model_path(sections["model"], base_dir)
     sections["eval"] = _resolve_forgetting_path(sections["eval"], base_dir)
     return Recipe(name=name, **sections)
+
+
+def _apply_formats(data: DataRecipe, prompt: PromptRecipe, raw: dict, problems: list[str]):
+    """The columns and prompt each data format implies, for the main task and each [[data.mix]] source, so that
+    every later stage reads input_column, target_column and a template whatever the format. A key the user set
+    that the format does not use is refused rather than silently ignored."""
+    raw_data, raw_prompt = raw.get("data", {}), raw.get("prompt", {})
+    data = dataclasses.replace(data, **_format_columns(data, "data", raw_data, problems))
+    if data.format == "prompt_completion" and "template" not in raw_prompt:
+        prompt = dataclasses.replace(prompt, template="{prompt}")
+    if data.format == "messages":
+        if raw_prompt.get("chat_template") is False:
+            problems.append('prompt.chat_template = false with data.format = "messages": a conversation is rendered '
+                            'with the tokenizer\'s chat template; remove prompt.chat_template')
+        if raw_prompt.get("template", prompt.template) not in (PromptRecipe().template,
+                                                               "{" + data.messages_column + "}"):
+            problems.append('prompt.template: not used with data.format = "messages" (the conversation is the '
+                            'prompt); remove it')
+        prompt = dataclasses.replace(prompt, template="{" + data.messages_column + "}", chat_template=True)
+    mix = []
+    for i, (source, table) in enumerate(zip(data.mix, raw_data.get("mix", ())), 1):
+        source = dataclasses.replace(source, **_format_columns(source, f"data.mix[{i}]", table, problems))
+        if source.format == "messages" and source.template not in (None, "{" + source.messages_column + "}"):
+            problems.append(f'data.mix[{i}].template: not used with format = "messages" (the conversation is the '
+                            f'prompt); remove it')
+        elif source.format == "messages":
+            source = dataclasses.replace(source, template="{" + source.messages_column + "}")
+        elif source.template is None:
+            source = dataclasses.replace(source, template="{" + source.input_column + "}")
+        mix.append(source)
+    return dataclasses.replace(data, mix=tuple(mix)), prompt
+
+
+def _format_columns(data: DataRecipe | MixRecipe, key: str, table: dict, problems: list[str]) -> dict:
+    """{input_column, target_column} as `data.format` names them; a conflicting column the user set is a problem."""
+    if data.format == "columns":
+        return {}
+    if data.format == "prompt_completion":
+        implied, why = {"input_column": "prompt", "target_column": "completion"}, (
+            'it reads the columns "prompt" and "completion"; for other names use format = "columns"')
+    else:
+        implied, why = dict.fromkeys(("input_column", "target_column"), data.messages_column), (
+            "the conversation in messages_column is both prompt and target")
+    for column, value in implied.items():
+        if column in table and table[column] != value:
+            problems.append(f'{key}.{column}: not used with {key}.format = "{data.format}" ({why}); remove it')
+    return implied
+
+
+def mix_as_data(source: MixRecipe, prompt: PromptRecipe) -> tuple[DataRecipe, PromptRecipe]:
+    """A [[data.mix]] source as the data and prompt recipes of a task of its own, for data.py to load and encode
+    like the main task: its own columns and template, the main task's chat template and system message."""
+    data = DataRecipe(source=source.source, train=source.train, eval=source.eval, format=source.format,
+                      input_column=source.input_column, target_column=source.target_column,
+                      messages_column=source.messages_column, train_on=source.train_on)
+    return data, dataclasses.replace(prompt, template=source.template or "{" + source.input_column + "}",
+                                     chat_template=prompt.chat_template or source.format == "messages")
 
 
 def _apply_overrides(raw: dict, overrides, problems: list[str]) -> dict:
@@ -338,6 +431,13 @@ def _build(cls, section: str, table: dict, problems: list[str]):
             hint = _home(key, section) or _hint(key, list(fields), prefix=section + ".")  # an exact key first
             problems.append(f"unknown key {where}{hint}")
             continue
+        item = _table_of(hints[key])
+        if item is not None:  # [[data.mix]]: a list of tables, each built and checked as a section of its own
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                problems.append(f"{where}: expected tables, each written [[{where}]], got {_tname(value)} {value!r}")
+            else:
+                values[key] = tuple(_build(item, f"{where}[{i}]", v, problems) for i, v in enumerate(value, 1))
+            continue
         problem = _check_type(value, hints[key])
         if problem is None:
             meta = fields[key].metadata
@@ -359,6 +459,14 @@ def _build(cls, section: str, table: dict, problems: list[str]):
         return cls(**values)
     except TypeError:  # only reached with problems already recorded
         return cls()
+
+
+def _table_of(hint):
+    """The dataclass of a `list[SomeRecipe]` field (a TOML array of tables), else None."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is list and args and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
 
 
 def _check_type(value, hint) -> str | None:
@@ -475,7 +583,7 @@ def _cross_checks(s: dict, base_dir: Path, files_must_exist: bool = True) -> lis
             f"prompt.template: has no {{column}} placeholder, so every prompt would be the same; "
             f'e.g. template = "Summarize:\\n{{{data.input_column}}}\\n"'
         )
-    if data.target_column in placeholders(prompt.template):
+    if data.format != "messages" and data.target_column in placeholders(prompt.template):
         problems.append(f"prompt.template: uses {{{data.target_column}}}, the target column: the model would read "
                         f"the answer in its prompt; use the input column {{{data.input_column}}}")
     export = s["export"]
@@ -512,23 +620,56 @@ def _cross_checks(s: dict, base_dir: Path, files_must_exist: bool = True) -> lis
     if budget.gpu is not None and budget.gpu_memory_gib is not None:
         problems.append("budget: set gpu or gpu_memory_gib, not both")
     for split in ("train", "eval", "test"):
-        value = getattr(data, split)
-        if value is None:
-            continue
-        if value.endswith(DATA_FILE_SUFFIXES):
-            if missing(value):
-                problems.append(_not_found(f"data.{split}", value, base_dir))
-        elif data.source is None and (base_dir / value).is_dir():
-            problems.append(f"data.{split}: {value} is a folder; set data.source = {value!r} and data.{split} to "
-                            f"a split name (a file's name without its extension), or point it at a file")
-        elif data.source is None and (base_dir / value).is_file():
-            problems.append(f"data.{split}: {value} is not a data file qlora_lite reads; convert it to "
-                            f".jsonl/.json/.csv/.parquet")
-        elif data.source is None:
-            problems.append(
-                f"data.{split}: {value!r} is a split name but data.source is not set; set data.source "
-                f"to a dataset id or folder, or point data.{split} to a .jsonl/.json/.csv/.parquet file"
-            )
+        problems += _split_problems("data", split, getattr(data, split), data.source, base_dir, missing)
+    problems += _mix_checks(data, prompt, base_dir, missing)
+    return problems
+
+
+def _split_problems(key: str, split: str, value: str | None, source: str | None, base_dir: Path, missing) -> list:
+    """What is wrong with where a split is: a missing file, a folder, a file of another kind, a split name with no
+    source to take it from."""
+    where = f"{key}.{split}"
+    if value is None:
+        return []
+    if value.endswith(DATA_FILE_SUFFIXES):
+        return [_not_found(where, value, base_dir)] if missing(value) else []
+    if source is None and (base_dir / value).is_dir():
+        return [f"{where}: {value} is a folder; set {key}.source = {value!r} and {where} to a split name (a file's "
+                f"name without its extension), or point it at a file"]
+    if source is None and (base_dir / value).is_file():
+        return [f"{where}: {value} is not a data file qlora_lite reads; convert it to .jsonl/.json/.csv/.parquet"]
+    if source is None:
+        return [f"{where}: {value!r} is a split name but {key}.source is not set; set {key}.source to a dataset id "
+                f"or folder, or point {where} to a .jsonl/.json/.csv/.parquet file"]
+    return []
+
+
+def _mix_checks(data: DataRecipe, prompt: PromptRecipe, base_dir: Path, missing) -> list[str]:
+    """[[data.mix]]: each source needs a train split and a weight, its template a column, and the weights must
+    leave the main task a share."""
+    problems = []
+    for i, source in enumerate(data.mix, 1):
+        key = f"data.mix[{i}]"
+        if not source.train:
+            problems.append(f'{key}.train: required: a .jsonl/.json/.csv/.parquet file or a split of {key}.source, '
+                            f'e.g. train = "data/replay/train.jsonl"')
+        if source.weight <= 0 or source.weight >= 1:
+            problems.append(f"{key}.weight: required, the share of training examples drawn from this source, "
+                            f"between 0 and 1 (e.g. 0.2); got {source.weight!r}")
+        for split in ("train", "eval"):
+            if getattr(source, split):
+                problems += _split_problems(key, split, getattr(source, split), source.source, base_dir, missing)
+        template = mix_as_data(source, prompt)[1].template
+        if source.format != "messages" and not placeholders(template):
+            problems.append(f"{key}.template: has no {{column}} placeholder; e.g. template = "
+                            f'"{{{source.input_column}}}"')
+        if source.format != "messages" and source.target_column in placeholders(template):
+            problems.append(f"{key}.template: uses {{{source.target_column}}}, the target column: the model would "
+                            f"read the answer in its prompt")
+    total = sum(source.weight for source in data.mix)
+    if data.mix and total >= 1 and all(0 < source.weight < 1 for source in data.mix):
+        problems.append(f"data.mix: the weights sum to {total:g}, leaving the main task {1 - total:g} of the "
+                        f"training examples; keep their sum below 1 (e.g. 0.2 for 20% replay)")
     return problems
 
 
@@ -578,14 +719,16 @@ def _not_found(key: str, value: str, base_dir: Path) -> str:
     return f"{key}: file {value} not found (looked in {(base_dir / value).resolve()})"
 
 
-def _resolve_data_paths(data: DataRecipe, base_dir: Path) -> DataRecipe:
+def _resolve_data_paths(data: DataRecipe | MixRecipe, base_dir: Path) -> DataRecipe | MixRecipe:
     changes = {}
     for split in ("train", "eval", "test"):
-        value = getattr(data, split)
+        value = getattr(data, split, None)
         if value is not None and value.endswith(DATA_FILE_SUFFIXES):
             changes[split] = str((base_dir / value).resolve())
     if data.source is not None and (base_dir / data.source).is_dir():
         changes["source"] = str((base_dir / data.source).resolve())
+    if getattr(data, "mix", ()):
+        changes["mix"] = tuple(_resolve_data_paths(source, base_dir) for source in data.mix)
     return dataclasses.replace(data, **changes)
 
 
@@ -641,6 +784,9 @@ def _toml_value(value) -> str:
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if dataclasses.is_dataclass(value):  # a [[data.mix]] table, inline: {train = "...", weight = 0.2, ...}
+        return "{" + ", ".join(f"{f.name} = {_toml_value(getattr(value, f.name))}" for f in dataclasses.fields(value)
+                               if getattr(value, f.name) is not None) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
@@ -651,4 +797,7 @@ def reference() -> list[tuple[str, str, str]]:
         for f in dataclasses.fields(cls):
             default = "(unset)" if f.default is None else _toml_value(f.default)
             rows.append((f"{section}.{f.name}", default, f.metadata.get("doc", "")))
+            if (table := _table_of(typing.get_type_hints(cls)[f.name])) is not None:
+                rows += [(f"{section}.{f.name}[].{g.name}", "(unset)" if g.default is None else _toml_value(g.default),
+                          g.metadata.get("doc", "")) for g in dataclasses.fields(table)]
     return rows

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qlora_lite.errors import UserError, error_line
-from qlora_lite.recipe import Recipe
+from qlora_lite.recipe import DataRecipe, Recipe
 from qlora_lite.rundir import RunDir, not_a_run, read_eval_json, read_json, read_jsonl
 
 SAMPLES_SHOWN = 3
@@ -52,10 +52,18 @@ def recipe_summary(recipe: Recipe) -> list[tuple[str, str]]:
         ("training", f"{schedule}, micro-batch {train.micro_batch_size} x {train.gradient_accumulation_steps} "
                      f"accumulation, lr {train.learning_rate:g} {train.lr_scheduler}, seed {train.seed}"),
         ("lengths", length),
-        ("data", f"{data.source + ': ' if data.source else ''}{splits}; {data.input_column} -> {data.target_column}"),
+        ("data", f"{data.source + ': ' if data.source else ''}{splits}; {data_columns(data)}"
+                 + "".join(f"; mixed in: {Path(m.train).name} ({m.weight:.0%})" for m in data.mix)),
         ("prompt", "`" + recipe.prompt.template.replace("\n", "\\n").replace("|", "\\|") + "`"
                    + (" in the chat template" if recipe.prompt.chat_template else "")),
     ]
+
+
+def data_columns(data: DataRecipe) -> str:
+    """How rows become examples, in a few words: "dialogue -> summary", or a conversation's trained turns."""
+    if data.format == "messages":
+        return f"conversations in {data.messages_column}, loss on {data.train_on} assistant turns"
+    return f"{data.input_column} -> {data.target_column}"
 
 
 def lora_variants(recipe: Recipe) -> list[str]:

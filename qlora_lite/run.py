@@ -64,6 +64,7 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
 
     # Data, then model: a missing file, column or model fails here, and leaves nothing behind.
     splits = data_stage.load_splits(recipe.data, recipe.prompt)
+    mix_splits = data_stage.load_mix(recipe.data, recipe.prompt)  # [[data.mix]]: other tasks drawn into training
     held_out_split, held_out = evaluate.held_out_rows(recipe, splits=splits) if recipe.eval.enabled else (None, [])
     if recipe.eval.forgetting:
         evaluate.forgetting_texts(recipe.eval.forgetting)  # a missing or unreadable text fails now, not after training
@@ -72,7 +73,8 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
     if held_out:
         fewshot.check_shots(recipe.eval.shots, splits["train"], recipe.data)  # more shots than training rows too
     train_stage.seed_run(recipe.train, device)  # before anything draws: every method of compare starts alike
-    loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train, recipe.method, recipe.prompt)
+    loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train, recipe.method, recipe.prompt,
+                                    conversations=recipe.data.format == "messages")
     if recipe.export.gguf:  # an architecture or tokenizer the GGUF writer cannot convert: said before training
         gguf_export.check_supported(loaded.model.config)
         gguf_export.check_tokenizer(loaded.tokenizer, loaded.model.config.vocab_size, f"of {recipe.model.name}")
@@ -95,11 +97,19 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
             splits["eval"], loaded.tokenizer, recipe.data, recipe.prompt, recipe.train, loaded.is_encoder_decoder,
             split="eval",
         )
+    mixed, source_evals = (), {}
+    if recipe.data.mix:  # one pass over the main task with the other sources drawn in at their weights
+        train_ds, mixed, source_evals = data_stage.mix_examples(
+            train_ds, mix_splits, loaded.tokenizer, recipe.data, recipe.prompt, recipe.train,
+            loaded.is_encoder_decoder, recipe.train.seed)
+        source_evals = {**({"data": eval_ds} if eval_ds is not None else {}), **source_evals}
+    tokens_total = sum(map(len, train_ds["input_ids"]))
     packed = None
     if recipe.train.packing:  # several examples per row: steps, epochs and tokens per step count rows, not examples
         train_ds, packed = packing.pack(train_ds, recipe.train.max_length)
         eval_ds = packing.pack(eval_ds, recipe.train.max_length)[0] if eval_ds is not None else None
-    rows = packed.rows if packed else stats.rows
+        source_evals = {k: packing.pack(ds, recipe.train.max_length)[0] for k, ds in source_evals.items()}
+    rows = packed.rows if packed else len(train_ds)
     create_run_dir(rd, recipe, loaded.device)
     if "tensorboard" in recipe.train.report_to:
         notify = events.tee(notify, tracking.TensorBoardLog(rd.tensorboard))
@@ -109,8 +119,8 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
     steps = train_stage.planned_steps(recipe.train, rows)
     effective_batch = recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps
     probe = monitor.open_probe(loaded.device)
-    leaked = data_stage.rows_also_in(held_out, splits["train"], recipe.data.input_column) if held_out else 0
-    tokens_per_step = stats.tokens_total / rows * effective_batch
+    leaked = data_stage.rows_also_in(held_out, splits["train"], recipe.data) if held_out else 0
+    tokens_per_step = tokens_total / rows * effective_batch
     speed_key = measured_speed_key(recipe, loaded)
     speed = (speed_key and read_cached("speed", speed_key)) or {}
     notify(events.SetUp(
@@ -122,14 +132,14 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
         held_out=events.HeldOut(held_out_split, len(held_out), leaked) if held_out else None,
         expected_train_s=steps * tokens_per_step / speed["train_tokens_per_s"] if speed.get("train_tokens_per_s")
         else None,
-        expected_eval_s=expected_eval_seconds(recipe, len(held_out), speed) if held_out else None,
+        expected_eval_s=expected_eval_seconds(recipe, len(held_out), speed) if held_out else None, mixed=mixed,
     ))
 
     # Train, watching memory; a crossed budget stops with a checkpoint and the adapter saved.
     watcher = monitor.MemoryMonitor(rd.memory_log, probe, plan.budget_gib, recipe.budget.on_exceed, notify)
     try:
         result = train_stage.train(loaded, train_ds, eval_ds, recipe.train, rd, resume=resume, notify=notify,
-                                   callbacks=[watcher])
+                                   callbacks=[watcher], source_evals=source_evals)
     finally:
         monitor.write_memory_report(rd, plan, plan.budget_gib, probe.missing)
     notify(events.Trained(result))
@@ -142,7 +152,8 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
         )
     if result.interrupted and result.steps < result.max_steps:
         raise Interrupted(interrupted_message(recipe))
-    write_result(rd, recipe, result, trainable, total, loaded.device)  # training is complete: eval and merge may follow
+    # training is complete: eval and merge may follow
+    write_result(rd, recipe, result, trainable, total, loaded.device, mixed)
     if speed_key and result.steps:
         speed = {**speed, "train_tokens_per_s": result.tokens_per_s}
         write_cached("speed", speed_key, speed)
@@ -184,9 +195,13 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
 
 
 def write_result(rd: RunDir, recipe: Recipe, result: train_stage.TrainResult, trainable: int, total: int,
-                 device: str) -> None:
-    """result.json: what training did, in one small file (compare and other tools read it)."""
-    write_json(rd.result, {
+                 device: str, mixed: tuple[data_stage.MixedSource, ...] = ()) -> None:
+    """result.json: what training did, in one small file (compare and other tools read it). With [[data.mix]]:
+    the examples drawn from each source and, where a source has an eval split, its eval loss after training."""
+    mix = {"rows_per_source": {m.key: m.rows for m in mixed}} if mixed else {}
+    if result.eval_losses:
+        mix["eval_loss_per_source"] = result.eval_losses
+    write_json(rd.result, {**mix,
         "method": recipe.method.kind, "learning_rate": recipe.train.learning_rate, "steps": result.steps,
         "first_loss": result.first_loss, "last_loss": result.last_loss, "train_seconds": result.train_seconds,
         "tokens_per_s": result.tokens_per_s, "trainable_params": trainable, "total_params": total,

@@ -48,6 +48,7 @@ class TrainResult:
     saved_dir: Path  # the run's adapter (PEFT format), or its whole model for full fine-tuning
     max_steps: int = 0  # the steps the trainer planned (epochs counted as it counts them)
     interrupted: bool = False  # Ctrl-C: stopped after `steps` with a checkpoint
+    eval_losses: dict[str, float] | None = None  # [[data.mix]]: the eval loss of each source with an eval split
 
 
 def seed_run(train: TrainRecipe, device: str) -> None:
@@ -287,8 +288,10 @@ def train(
     resume: bool = False,
     notify: events.Notify = events.ignore,
     callbacks: list = (),
+    source_evals: dict | None = None,
 ) -> TrainResult:
-    """Train, save the adapter (PEFT format) or the full model, with the tokenizer, return what happened."""
+    """Train, save the adapter (PEFT format) or the full model, with the tokenizer, return what happened.
+    `source_evals`: eval examples by source ("data", "data.mix[1]"), each scored once training is done."""
     metrics = MetricsLog(rd.metrics, notify)
     ctrl_c = StopOnCtrlC(notify)
     trainer = build_trainer(loaded, train_ds, eval_ds, train, rd, [metrics, RateOnResume(), ctrl_c, *callbacks])
@@ -311,6 +314,8 @@ def train(
             "or train.max_length, then " + ("continue with --resume" if last else "run again")
         )
     seconds = time.monotonic() - started
+    eval_losses = {key: trainer.evaluate(eval_dataset=ds, metric_key_prefix="source")["source_loss"]
+                   for key, ds in (source_evals or {}).items()} if not ctrl_c.requested else None
     save_trained(loaded, saved_dir)
     losses = [loss for _, loss in rd.losses()]
     tokens = trainer.state.num_input_tokens_seen - (metrics.start_tokens or 0)  # this session's (resumed: not before)
@@ -323,6 +328,7 @@ def train(
         saved_dir=saved_dir,
         max_steps=trainer.state.max_steps,
         interrupted=ctrl_c.requested,
+        eval_losses=eval_losses or None,
     )
 
 

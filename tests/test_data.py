@@ -20,7 +20,7 @@ def test_decoder_labels_hide_the_prompt_and_end_with_eos(tiny_llama):
     tok = load_tokenizer(str(tiny_llama))
     ds, stats = build_examples(rows(), tok, DATA, PROMPT, TrainRecipe(max_length=128), is_encoder_decoder=False)
     for example, row in zip(ds, rows()):
-        prompt_ids, _ = encode_prompt(row, PROMPT, tok, "dialogue", 128)
+        prompt_ids, _ = encode_prompt(row, DATA, PROMPT, tok, 128)
         labels, ids = example["labels"], example["input_ids"]
         assert labels[: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
         assert ids[: len(prompt_ids)] == prompt_ids
@@ -32,7 +32,7 @@ def test_decoder_labels_hide_the_prompt_and_end_with_eos(tiny_llama):
 
 def test_prompt_starts_with_bos_and_has_no_eos(tiny_llama):
     tok = load_tokenizer(str(tiny_llama))
-    ids, _ = encode_prompt(rows(1)[0], PROMPT, tok, "dialogue", 128)
+    ids, _ = encode_prompt(rows(1)[0], DATA, PROMPT, tok, 128)
     assert ids[0] == tok.bos_token_id and tok.eos_token_id not in ids
 
 
@@ -88,7 +88,7 @@ def test_chat_template_prompt(tiny_llama):
     tok = load_tokenizer(str(tiny_llama))
     tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
     prompt = PromptRecipe(template="Sum: {dialogue}", chat_template=True, system="Be brief.")
-    ids, _ = encode_prompt(rows(1)[0], prompt, tok, "dialogue", 256)
+    ids, _ = encode_prompt(rows(1)[0], DATA, prompt, tok, 256)
     text = tok.decode(ids)
     assert text.startswith("<system>Be brief.\n<user>Sum: ") and text.endswith("<assistant>")
 
