@@ -70,9 +70,11 @@ def main() -> int:
     rows = runs["with replay"]["rows"]
     print("examples drawn with replay: " + ", ".join(f"{k} {v}" for k, v in rows.items()))
     a, b = runs["without replay"]["forgetting"], runs["with replay"]["forgetting"]
-    verdict = "less" if b.loss_change < a.loss_change else "no less"
-    print(f"general-text loss change: {a.loss_change:+.4f} without, {b.loss_change:+.4f} with replay: replay "
-          f"forgot {verdict} at this scale")
+    if a.loss_change <= 0 and b.loss_change <= 0:
+        verdict = "neither run lost general modelling (the loss fell in both): nothing for replay to prevent here"
+    else:
+        verdict = f"replay forgot {'less' if b.loss_change < a.loss_change else 'no less'} at this scale"
+    print(f"general-text loss change: {a.loss_change:+.4f} without, {b.loss_change:+.4f} with replay: {verdict}")
     return 0
 
 
