@@ -323,10 +323,11 @@ def recipe_from_dict(raw: dict, overrides=(), base_dir: Path = Path("."), source
             problems.append(f"{section}: expected a table [{section}], got {_tname(table)}")
             table = {}
         sections[section] = _build(cls, section, table, problems)
-    if not problems:
-        sections["data"], sections["prompt"] = _apply_formats(sections["data"], sections["prompt"], raw, problems)
-    if not problems:
-        problems += _cross_checks(sections, base_dir, files_must_exist)
+    if not problems:  # a format's problems do not hide the others: both are said at once
+        format_problems: list[str] = []
+        sections["data"], sections["prompt"] = _apply_formats(sections["data"], sections["prompt"], raw,
+                                                              format_problems)
+        problems += format_problems + _cross_checks(sections, base_dir, files_must_exist)
     if problems:
         raise RecipeError(problems, source=source)
     sections["data"] = _resolve_data_paths(sections["data"], base_dir)
@@ -668,8 +669,8 @@ def _mix_checks(data: DataRecipe, prompt: PromptRecipe, base_dir: Path, missing)
                             f"read the answer in its prompt")
     total = sum(source.weight for source in data.mix)
     if data.mix and total >= 1 and all(0 < source.weight < 1 for source in data.mix):
-        problems.append(f"data.mix: the weights sum to {total:g}, leaving the main task {1 - total:g} of the "
-                        f"training examples; keep their sum below 1 (e.g. 0.2 for 20% replay)")
+        problems.append(f"data.mix: the weights sum to {total:g}, leaving the main task nothing (it keeps 1 - their "
+                        f"sum of the training examples); keep their sum below 1 (e.g. 0.2 for 20% replay)")
     return problems
 
 
