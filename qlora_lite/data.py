@@ -16,7 +16,7 @@ from pathlib import Path
 
 from qlora_lite.errors import UserError, error_line, utf8_text
 from qlora_lite.recipe import (CHAT_ROLES, DATA_FILE_SUFFIXES, DataRecipe, PromptRecipe, TrainRecipe, literal_braces,
-                               placeholders)
+                               mix_as_data, placeholders)
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +218,20 @@ def last_assistant(turns: list[dict]) -> int:
     return max(i for i, turn in enumerate(turns) if turn["role"] == "assistant")
 
 
+def plain_turns(turns: list[dict]) -> list[dict]:
+    """Turns as {role, content} dicts only (datasets gives every turn each key any turn of the column has)."""
+    return [{"role": t["role"], "content": t["content"]} for t in turns]
+
+
+def split_system(turns: list[dict]) -> tuple[list[dict], list[dict]]:
+    """([the system turn] or [], the turns after it)."""
+    system = [t for t in turns[:1] if t["role"] == "system"]
+    return system, turns[len(system):]
+
+
 def with_system(turns: list[dict], prompt: PromptRecipe) -> list[dict]:
     """The row's turns, as plain {role, content} dicts, after prompt.system when the row has no system turn."""
-    turns = [{"role": t["role"], "content": t["content"]} for t in turns]
+    turns = plain_turns(turns)
     if prompt.system and not any(t["role"] == "system" for t in turns):
         turns.insert(0, {"role": "system", "content": prompt.system})
     return turns
@@ -275,9 +286,7 @@ def encode_chat(tokenizer, turns: list[dict], train_on: str) -> tuple[list[int],
 def fit_chat(tokenizer, turns: list[dict], train_on: str, fits) -> tuple[list[int], list[int], int, bool] | None:
     """encode_chat of the conversation, its oldest exchanges dropped (the system turn kept) until `fits(ids,
     start)`: (ids, labels, start, whether turns were dropped), or None when even its last exchange does not fit."""
-    turns = turns[: last_assistant(turns) + 1]
-    system = [t for t in turns[:1] if t["role"] == "system"]
-    rest = turns[len(system):]
+    system, rest = split_system(turns[: last_assistant(turns) + 1])
     dropped = False
     while True:
         ids, labels, start = encode_chat(tokenizer, system + rest, train_on)
@@ -361,12 +370,11 @@ def _encode_chat_prompt(row, data: DataRecipe, prompt: PromptRecipe, tokenizer, 
                         after: list[int]) -> tuple[list[int], bool]:
     """A conversation's prompt: few-shot examples' turns (each example's conversation up to its last assistant
     turn) after the system turn, then the row's turns up to its last assistant turn, whose header ends it."""
-    turns = with_system(row[data.messages_column], prompt)
-    system = [t for t in turns[:1] if t["role"] == "system"]
+    system, own = split_system(with_system(row[data.messages_column], prompt))
     shown = [t for example, _ in shots
-             for t in example[data.messages_column][: last_assistant(example[data.messages_column]) + 1]
+             for t in plain_turns(example[data.messages_column][: last_assistant(example[data.messages_column]) + 1])
              if t["role"] != "system"]
-    turns = system + with_system(shown, PromptRecipe()) + turns[len(system):]
+    turns = system + shown + own
     fitted = fit_chat(tokenizer, turns, "last", lambda ids, start: start <= max_tokens)
     if fitted is None:  # even its last user turn is too long: its end is kept, with the assistant header
         ids, _, start = encode_chat(tokenizer, turns[: last_assistant(turns) + 1], "last")
@@ -377,7 +385,7 @@ def _encode_chat_prompt(row, data: DataRecipe, prompt: PromptRecipe, tokenizer, 
 
 def rows_also_in(rows: list[dict], train_rows, data: DataRecipe) -> int:
     """How many of `rows` have an input text that some training row has too: their scores measure memory."""
-    seen = {input_text(row, data).strip() for row in train_rows if data.format != "messages" or usable(row, data)}
+    seen = {input_text(row, data).strip() for row in train_rows}
     return sum(input_text(row, data).strip() in seen for row in rows)
 
 
@@ -473,10 +481,8 @@ class MixedSource:
 def load_mix(data: DataRecipe, prompt: PromptRecipe) -> list[dict]:
     """Each [[data.mix]] source's splits (train, and eval where set), its columns checked as the main task's are:
     loaded before the model, so a missing file or column fails at once."""
-    from qlora_lite.recipe import mix_as_data
-
-    return [load_splits(*mix_as_data(source, prompt), names=("train", "eval"), key=f"data.mix[{i}]")
-            for i, source in enumerate(data.mix, 1)]
+    return [load_splits(*mix_as_data(source, prompt), names=("train", "eval"), key=key)
+            for key, source in zip(data.mix_keys, data.mix)]
 
 
 def mix_examples(main, mix_splits: list[dict], tokenizer, data: DataRecipe, prompt: PromptRecipe,
@@ -490,12 +496,9 @@ def mix_examples(main, mix_splits: list[dict], tokenizer, data: DataRecipe, prom
     the draw early."""
     from datasets import concatenate_datasets, interleave_datasets
 
-    from qlora_lite.recipe import mix_as_data
-
     sources, available, evals = [main.add_column("_source", [0] * len(main))], [len(main)], {}
     expected_total = len(main) / data.main_weight
-    for i, (source, splits) in enumerate(zip(data.mix, mix_splits), 1):
-        key = f"data.mix[{i}]"
+    for i, (key, source, splits) in enumerate(zip(data.mix_keys, data.mix, mix_splits), 1):
         mix_data, mix_prompt = mix_as_data(source, prompt)
         examples, _ = build_examples(splits["train"], tokenizer, mix_data, mix_prompt, train, is_encoder_decoder,
                                      key=key)
@@ -510,7 +513,6 @@ def mix_examples(main, mix_splits: list[dict], tokenizer, data: DataRecipe, prom
     weights = [data.main_weight, *(source.weight for source in data.mix)]
     mixed = interleave_datasets(sources, probabilities=weights, seed=seed, stopping_strategy="first_exhausted")
     drawn = mixed["_source"]
-    keys = ["data", *(f"data.mix[{i}]" for i in range(1, len(sources)))]
     stats = [MixedSource(key, weight, drawn.count(i), available[i])
-             for i, (key, weight) in enumerate(zip(keys, weights))]
+             for i, (key, weight) in enumerate(zip(["data", *data.mix_keys], weights))]
     return mixed.remove_columns("_source"), stats, evals

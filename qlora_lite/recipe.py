@@ -89,6 +89,12 @@ class DataRecipe:
     mix: list[MixRecipe] = _opt((), doc="[[data.mix]] tables: other datasets mixed into training (keys below)")
 
     @property
+    def mix_keys(self) -> list[str]:
+        """The recipe key of each [[data.mix]] table, numbered from 1 ("data.mix[1]"), as errors, the setup table
+        and result.json name the sources."""
+        return [f"data.mix[{i}]" for i in range(1, len(self.mix) + 1)]
+
+    @property
     def main_weight(self) -> float:
         """The main task's share of the training examples when others are mixed in."""
         return 1.0 - sum(m.weight for m in self.mix)
@@ -354,10 +360,10 @@ def _apply_formats(data: DataRecipe, prompt: PromptRecipe, raw: dict, problems: 
                             'prompt); remove it')
         prompt = dataclasses.replace(prompt, template="{" + data.messages_column + "}", chat_template=True)
     mix = []
-    for i, (source, table) in enumerate(zip(data.mix, raw_data.get("mix", ())), 1):
-        source = dataclasses.replace(source, **_format_columns(source, f"data.mix[{i}]", table, problems))
+    for key, source, table in zip(data.mix_keys, data.mix, raw_data.get("mix", ())):
+        source = dataclasses.replace(source, **_format_columns(source, key, table, problems))
         if source.format == "messages" and source.template not in (None, "{" + source.messages_column + "}"):
-            problems.append(f'data.mix[{i}].template: not used with format = "messages" (the conversation is the '
+            problems.append(f'{key}.template: not used with format = "messages" (the conversation is the '
                             f'prompt); remove it')
         elif source.format == "messages":
             source = dataclasses.replace(source, template="{" + source.messages_column + "}")
@@ -385,11 +391,12 @@ def _format_columns(data: DataRecipe | MixRecipe, key: str, table: dict, problem
 
 def mix_as_data(source: MixRecipe, prompt: PromptRecipe) -> tuple[DataRecipe, PromptRecipe]:
     """A [[data.mix]] source as the data and prompt recipes of a task of its own, for data.py to load and encode
-    like the main task: its own columns and template, the main task's chat template and system message."""
+    like the main task: its own columns and template (resolved by load_recipe), the main task's chat template and
+    system message."""
     data = DataRecipe(source=source.source, train=source.train, eval=source.eval, format=source.format,
                       input_column=source.input_column, target_column=source.target_column,
                       messages_column=source.messages_column, train_on=source.train_on)
-    return data, dataclasses.replace(prompt, template=source.template or "{" + source.input_column + "}",
+    return data, dataclasses.replace(prompt, template=source.template,
                                      chat_template=prompt.chat_template or source.format == "messages")
 
 
@@ -649,8 +656,7 @@ def _mix_checks(data: DataRecipe, prompt: PromptRecipe, base_dir: Path, missing)
     """[[data.mix]]: each source needs a train split and a weight, its template a column, and the weights must
     leave the main task a share."""
     problems = []
-    for i, source in enumerate(data.mix, 1):
-        key = f"data.mix[{i}]"
+    for key, source in zip(data.mix_keys, data.mix):
         if not source.train:
             problems.append(f'{key}.train: required: a .jsonl/.json/.csv/.parquet file or a split of {key}.source, '
                             f'e.g. train = "data/replay/train.jsonl"')

@@ -102,13 +102,14 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
         train_ds, mixed, source_evals = data_stage.mix_examples(
             train_ds, mix_splits, loaded.tokenizer, recipe.data, recipe.prompt, recipe.train,
             loaded.is_encoder_decoder, recipe.train.seed)
-        source_evals = {**({"data": eval_ds} if eval_ds is not None else {}), **source_evals}
     tokens_total = sum(map(len, train_ds["input_ids"]))
     packed = None
     if recipe.train.packing:  # several examples per row: steps, epochs and tokens per step count rows, not examples
         train_ds, packed = packing.pack(train_ds, recipe.train.max_length)
         eval_ds = packing.pack(eval_ds, recipe.train.max_length)[0] if eval_ds is not None else None
         source_evals = {k: packing.pack(ds, recipe.train.max_length)[0] for k, ds in source_evals.items()}
+    if mixed and eval_ds is not None:  # the main task's eval loss beside the other sources'
+        source_evals = {"data": eval_ds, **source_evals}
     rows = packed.rows if packed else len(train_ds)
     create_run_dir(rd, recipe, loaded.device)
     if "tensorboard" in recipe.train.report_to:
