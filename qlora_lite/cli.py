@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from qlora_lite import events, memory
+from qlora_lite import dist, events, memory
 from qlora_lite.errors import Interrupted, UserError
 from qlora_lite.methods import METHODS
 from qlora_lite.recipe import load_recipe, parse_methods
@@ -84,20 +84,55 @@ def _resolves(host: str, found: list) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `run --nproc N` hands them to torchrun
     work_offline_without_network()
     quiet_libraries(args.debug)
+    if not dist.launched():
+        return command(args)
+    if args.command != "run":
+        if dist.is_main():
+            err_console.print(f"[bold red]error:[/] {args.command} runs in one process; only `run` trains on "
+                              f"several (start it without torchrun)", highlight=False, soft_wrap=True)
+        return 2
+    # One of several processes (torchrun): rank 0 speaks for all; another rank prints only an error that struck
+    # it alone. Under `run --nproc` the launcher exits with the outcome's code, so ranks that agreed on it exit 0
+    # (torchrun would otherwise print a failure report for an ordinary user error).
+    code = 1  # a bug: its traceback is printed, and the ranks waiting for rank 0 leave with 1
+    try:
+        code = command(args)
+    except dist.FollowerExit as e:
+        code = e.exit_code
+    finally:
+        dist.announce(code)
+        dist.finish()
+    if dist.is_main():
+        dist.write_status(code)
+    agreed = not args.alone
+    return 0 if agreed and os.environ.get(dist.STATUS_FILE) else code
+
+
+def command(args) -> int:
+    """The command's exit status; a user error printed in one message (by rank 0 when several processes run)."""
+    args.alone = False
     try:
         return args.func(args)
-    except Interrupted as e:
-        err_console.print(f"[yellow]interrupted[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        return e.exit_code
     except UserError as e:
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        alone = getattr(e, "alone", False)
+        if dist.is_main() or alone:
+            rank = "" if dist.is_main() else f"rank {dist.rank()}: "
+            if isinstance(e, Interrupted):
+                err_console.print(f"[yellow]interrupted[/] {rank}{escape(str(e))}", highlight=False, soft_wrap=True)
+            else:
+                err_console.print(f"[bold red]error:[/] {rank}{escape(str(e))}", highlight=False, soft_wrap=True)
+        if alone:
+            args.alone = True
+            dist.write_status(e.exit_code)
         return e.exit_code
     except KeyboardInterrupt:  # run and compare say what was kept (Interrupted); a merge may have written part
         partial = args.command == "merge" and os.path.exists(args.out)
         hint = f": {args.out} may hold part of the export; merge again with --force" if partial else ""
-        err_console.print(f"[yellow]interrupted[/]{hint}")
+        if dist.is_main():
+            err_console.print(f"[yellow]interrupted[/]{hint}")
         return 130
 
 
@@ -112,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train (and evaluate, export) as the recipe says")
     add_recipe_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue an existing run from its last checkpoint")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train on N GPUs at once (DDP, one process per GPU, started through torchrun); on a CPU, "
+                        "N processes that share its cores")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("eval", help="base vs fine-tuned on held-out data (ROUGE; BLEU and forgetting where asked)")
@@ -146,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="predict peak GPU memory from the recipe and the model config (no weights)")
     add_recipe_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (memory in GiB)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N", help="plan each GPU of a run on N GPUs (DDP)")
     p.add_argument("--method", default=None, metavar="METHODS",
                    help=f"plan for these methods instead of [method] kind: {', '.join(METHODS)}, "
                         "comma-separated, or all (side by side)")
@@ -265,14 +304,16 @@ def cmd_plan(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.method is not None:
         return plan_methods(recipe, parse_methods(args.method, "--method"), args.json)
+    if args.nproc < 1:
+        raise UserError(f"--nproc {args.nproc}: the number of processes (GPUs) is 1 or more")
     arch = memory.recipe_arch(recipe)  # cached: a repeated plan imports no torch
-    plan = memory.plan_from_arch(recipe, arch)
+    plan = memory.plan_from_arch(recipe, arch, world=args.nproc)
     if args.json:
         print(json.dumps(plan.to_json(), indent=2))
     else:
         console.print(plan_table(plan, recipe.name))
         if plan.fits is False:
-            fitted = memory.fit_to_budget(recipe, arch)
+            fitted = memory.fit_to_budget(recipe, arch, world=args.nproc)
             advice = f"cheapest change that fits: {fitted[1]}" if fitted else "no batch or checkpointing change fits"
             console.print(f"[bold red]does not fit[/] the {plan.budget_gib:g} GiB budget; {escape(advice)}")
     return 3 if plan.fits is False else 0
@@ -342,7 +383,8 @@ def cmd_compare(args) -> int:
 
 
 def plan_table(plan, name: str) -> Table:
-    table = Table(title=f"memory plan: {name} (peak in the {plan.phase} phase)", title_justify="left",
+    per_gpu = f"per GPU of {plan.world_size} (DDP), " if plan.world_size > 1 else ""
+    table = Table(title=f"memory plan: {name} ({per_gpu}peak in the {plan.phase} phase)", title_justify="left",
                   caption="\n".join(f"note: {escape(n)}" for n in plan.notes) or None, caption_justify="left")
     table.add_column("component")
     table.add_column("GiB", justify="right")
@@ -360,7 +402,22 @@ def plan_table(plan, name: str) -> Table:
 
 def cmd_run(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: a recipe error answers at once
+    if args.nproc is not None and args.nproc < 1:
+        raise UserError(f"--nproc {args.nproc}: the number of processes (GPUs) is 1 or more")
+    if args.nproc and args.nproc > 1 and not dist.launched():
+        return launch(args.nproc, args.argv, recipe)
+    if dist.launched():
+        if args.nproc not in (None, dist.world()):
+            raise UserError(f"--nproc {args.nproc}, but torchrun started {dist.world()} processes; give one of the "
+                            f"two (--nproc starts torchrun itself)")
+        from qlora_lite.model import pick_device
+
+        dist.init(pick_device(recipe.train))
     from qlora_lite.run import run
+
+    if not dist.is_main():  # rank 0 shows the run; the others train beside it in silence
+        run(recipe, resume=args.resume)  # leaves with rank 0's status (dist.FollowerExit) once training is done
+        return 0
 
     with TrainingView() as view:
         try:
@@ -373,6 +430,69 @@ def cmd_run(args) -> int:
     )
     exported = [r.check for r in (result.merged, result.gguf) if r is not None]
     return 0 if all(check.passed for check in exported) else 4
+
+
+def launch(nproc: int, argv: list[str], recipe) -> int:
+    """`run --nproc N`: the same command in N processes through torchrun (one per GPU; on a CPU, sharing its cores
+    with as many threads each as leave none idle and none oversubscribed). torchrun runs in a session of its own,
+    out of the terminal's reach: a Ctrl-C is handed by this process to each training process (which finishes its
+    step and saves a checkpoint with the others), not to torchrun, which would print a traceback and kill them
+    after 30 s. Exits with the code of the outcome (written by the rank that reported it), else torchrun's."""
+    import signal
+    import subprocess
+    import tempfile
+
+    import torch
+
+    from qlora_lite.model import pick_device
+
+    device = pick_device(recipe.train)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device == "cuda" and nproc > torch.cuda.device_count():
+        raise UserError(f"--nproc {nproc}, but {torch.cuda.device_count()} CUDA GPUs are visible: one process per "
+                        f"GPU; use --nproc {torch.cuda.device_count()} or fewer (CUDA_VISIBLE_DEVICES picks which)")
+    if device == "cpu" and nproc > cores:
+        raise UserError(f"--nproc {nproc} on a CPU with {cores} cores: each process needs a core of its own; use "
+                        f"--nproc {cores} or fewer")
+    with tempfile.TemporaryDirectory(prefix="qlora_lite-") as tmp:
+        status = os.path.join(tmp, "status")
+        env = {**os.environ, dist.STATUS_FILE: status}
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)) if device == "cpu" else "1")
+        env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")  # after a Ctrl-C: time to finish a step and save
+        if not any(a.startswith("--debug") for a in argv):
+            env.setdefault("LOGLEVEL", "ERROR")  # torchrun's own notices
+        child = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc_per_node={nproc}", "-m", "qlora_lite", *without_nproc(argv)], env=env,
+                                 start_new_session=True)
+        stop = lambda signum, frame: child.send_signal(signal.SIGTERM)  # noqa: E731 (torchrun ends its processes)
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+        try:
+            while True:
+                try:
+                    rc = child.wait()
+                    break
+                except KeyboardInterrupt:  # the first: a checkpoint after this step; the second: stop at once
+                    dist.signal_ranks(status, signal.SIGINT)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        code = dist.read_status(status)
+    if code is None and rc:
+        err_console.print(f"[bold red]error:[/] the {nproc} training processes failed (torchrun exit {rc}); "
+                          f"see above", highlight=False, soft_wrap=True)
+    return rc if code is None else code
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """The command for each process: torchrun tells it the number (and would read --nproc as its own option)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        out += [] if skip else [arg]
+    return out
 
 
 class TrainingView:
@@ -417,6 +537,13 @@ class TrainingView:
                 console.print(plan_table(plan, "predicted for a CUDA GPU"))
             case events.AutoFitted(change):
                 console.print(f"[yellow]auto_fit[/]: {escape(change)}")
+            case events.ResumedOnOtherProcesses(before, now, batch, keep):
+                keep_it = (f" (--set train.gradient_accumulation_steps={keep} keeps the one it had)"
+                           if keep else "")
+                console.print(f"[yellow]resuming on {now} process{'es' * (now > 1)}[/] a run trained on {before}: "
+                              f"the weights, optimizer and schedule go on; the effective batch is now {batch}"
+                              f"{keep_it}, and the rest of this epoch is drawn in another order",
+                              highlight=False, soft_wrap=True)
             case events.SetUp():
                 console.print(setup_table(event))
             case events.TrainingStarted(step, max_steps):
@@ -523,7 +650,14 @@ def setup_table(p: events.SetUp) -> Table:
         table.add_row("packing", f"{p.packed.examples} examples in {p.packed.rows} rows of up to "
                                  f"{p.packed.max_length:,} tokens, "
                                  f"{100 * p.packed.fill:.0f}% filled (no attention between examples)")
-    table.add_row("schedule", f"{p.steps} steps x effective batch {p.effective_batch} = {p.epochs:.2f} epochs, "
+    if p.processes > 1:
+        threads = f", {p.threads} CPU thread{'s' * (p.threads > 1)} each" if p.device == "cpu" else ""
+        table.add_row("processes", f"{p.processes} x {p.device} (DDP, {'nccl' if p.device == 'cuda' else 'gloo'})"
+                                   f"{threads}")
+    per_rank = p.effective_batch // p.processes
+    batch = f"effective batch {p.effective_batch}" + (
+        f" ({per_rank} per process x {p.processes} processes)" if p.processes > 1 else "")
+    table.add_row("schedule", f"{p.steps} steps x {batch} = {p.epochs:.2f} epochs, "
                               f"~{p.tokens_per_step:,.0f} tokens per step")
     held = p.held_out
     if held:

@@ -64,6 +64,8 @@ class SetUp:
     expected_eval_s: float | None = None
     packed: PackStats | None = None  # with [train] packing: how the examples filled the rows
     mixed: tuple[MixedSource, ...] = ()  # with [[data.mix]]: the examples drawn from each source
+    processes: int = 1  # DDP: processes training together (one per GPU); effective_batch counts them all
+    threads: int = 1  # torch's CPU threads in each process
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,16 @@ class MemorySampled:
     step: int
     gib: float | None  # the GPU footprint the budget counts; on a CPU the process RSS
     on_gpu: bool
+
+
+@dataclass(frozen=True)
+class ResumedOnOtherProcesses:
+    """--resume with another number of processes than the checkpoint was trained on (DDP)."""
+
+    before: int
+    now: int
+    effective_batch: int  # now
+    keep_batch_accumulation: int | None  # the gradient_accumulation_steps that keeps the old effective batch
 
 
 @dataclass(frozen=True)
@@ -181,7 +193,8 @@ class MethodRefused:
     reason: str
 
 
-Event = Union[RecipeResolved, Planned, AutoFitted, SetUp, TrainingStarted, StepDone, StepLogged, MemorySampled,
+Event = Union[RecipeResolved, Planned, AutoFitted, SetUp, ResumedOnOtherProcesses, TrainingStarted, StepDone,
+              StepLogged, MemorySampled,
               StopRequested, BudgetCrossed, Trained, Evaluating, Evaluated, Merging, Merged, MergeSkipped,
               ExportingGGUF, ExportedGGUF, GGUFSkipped,
               MethodStarted, MethodKept, MethodRefused, TensorBoardWriting]

@@ -69,7 +69,7 @@ BNB_MIN_8BIT_NUMEL, BNB_PAGED_MIN_NUMEL = 4096, 100_000  # bitsandbytes/optim/op
 CHECKED_FAMILIES = ("llama", "t5", "mt5", "mistral", "qwen2", "gemma2", "phi", "phi3", "gpt2", "gpt_neox", "opt",
                     "bloom", "falcon", "bart")
 PLAN_KEYS = ("weights_4bit", "weights_16bit", "trainable_weights", "gradients", "optimizer", "optimizer_step",
-             "autocast_copies", "activations", "logits", "kv_cache", "cuda_context", "allocator_reserve")
+             "autocast_copies", "activations", "logits", "kv_cache", "ddp_buckets", "cuda_context", "allocator_reserve")
 TRANSIENT_KEYS = ("optimizer_step", "autocast_copies", "activations", "logits", "kv_cache")
 HERE = Path(__file__).parent
 SKELETON_CODE = ("memory_arch.py", "model.py", "lora.py", "methods.py")  # what analyze runs: a change re-analyzes
@@ -88,6 +88,7 @@ class MemoryPlan:
     fits: bool | None
     phase: str  # "train" or "eval"
     notes: tuple[str, ...] = ()  # what the figures do not cover for this model
+    world_size: int = 1  # DDP processes (one per GPU); every figure is per GPU
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -459,8 +460,9 @@ def plan_memory(recipe: Recipe, config, *, device: str = "cuda") -> MemoryPlan:
     return plan_from_arch(recipe, analyze(recipe, config), device)
 
 
-def plan_from_arch(recipe: Recipe, arch: Arch, device: str = "cuda") -> MemoryPlan:
-    (train, train_alloc), (evals, eval_alloc) = phases(recipe, arch, device)
+def plan_from_arch(recipe: Recipe, arch: Arch, device: str = "cuda", *, world: int = 1) -> MemoryPlan:
+    """Per GPU: with `world` > 1 each of the DDP processes holds one whole run plus DDP's gradient buckets."""
+    (train, train_alloc), (evals, eval_alloc) = phases(recipe, arch, device, world)
     train_peak, eval_peak = sum(train.values()), sum(evals.values())
     phase = "train" if train_peak >= eval_peak else "eval"
     budget = budget_gib(recipe.budget)
@@ -469,7 +471,12 @@ def plan_from_arch(recipe: Recipe, arch: Arch, device: str = "cuda") -> MemoryPl
         components=train if phase == "train" else evals, peak_gib=peak,
         peak_allocated_gib=train_alloc if phase == "train" else eval_alloc, train_peak_gib=train_peak,
         eval_peak_gib=eval_peak, trainable_params=arch.params.trainable, total_params=arch.params.total,
-        budget_gib=budget, fits=None if budget is None else peak <= budget, phase=phase, notes=plan_notes(arch))
+        budget_gib=budget, fits=None if budget is None else peak <= budget, phase=phase,
+        notes=plan_notes(arch) + ((DDP_NOTE,) if world > 1 else ()), world_size=world)
+
+
+DDP_NOTE = ("DDP: each GPU holds the whole model and a copy of every trainable gradient in DDP's buckets; NCCL's own "
+            "buffers (typically 0.1-0.5 GiB per GPU) are not planned: not measured here yet")
 
 
 def plan_notes(arch: Arch) -> tuple[str, ...]:
@@ -490,13 +497,16 @@ def plan_notes(arch: Arch) -> tuple[str, ...]:
     return tuple(notes)
 
 
-def phases(recipe: Recipe, arch: Arch, device: str = "cuda") -> tuple[tuple[dict, float], tuple[dict, float]]:
+def phases(recipe: Recipe, arch: Arch, device: str = "cuda", world: int = 1) -> tuple[tuple[dict, float],
+                                                                                          tuple[dict, float]]:
     """(components in GiB, allocator peak in GiB) of training and of evaluation (zeros when eval is off). Training
-    peaks in the forward/backward or in the optimizer step, whichever holds more."""
+    peaks in the forward/backward or in the optimizer step, whichever holds more. DDP (`world` > 1) adds its
+    gradient buckets: the Reducer allocates them all at wrap time, one fp32 copy of each trainable gradient
+    (gradient_as_bucket_view is off in the Trainer); evaluation runs on rank 0 alone, after the wrapper is gone."""
     p = precision(recipe, arch, device)
     ordinary, paged = optimizer_bytes(recipe, arch, device)
     train = {**weight_bytes(recipe, arch, p, device), "gradients": 4 * arch.params.trainable,
-             "optimizer": ordinary + paged}
+             "optimizer": ordinary + paged, "ddp_buckets": 4 * arch.params.trainable if world > 1 else 0}
     transient, step = train_transient(arch, p, recipe, device), step_bytes(recipe, arch, device)
     train.update(transient if sum(transient.values()) >= step else {"optimizer_step": step})
     if not recipe.eval.enabled:
@@ -512,26 +522,26 @@ def _finish(parts: dict[str, float], device: str, paged: int) -> tuple[dict[str,
     on_cuda = device == "cuda"
     parts = {**parts, "cuda_context": CUDA_CONTEXT_GIB * GIB if on_cuda else 0.0,
              "allocator_reserve": RESERVE_FRACTION * transient if on_cuda else 0.0}
-    gib = {k: parts.get(k, 0) / GIB for k in PLAN_KEYS}
+    gib = {k: parts.get(k, 0) / GIB for k in PLAN_KEYS if k != "ddp_buckets" or parts.get(k)}  # DDP only
     allocated = sum(gib.values()) - gib["cuda_context"] - gib["allocator_reserve"] - paged / GIB
     return gib, allocated
 
 
-def fit_to_budget(recipe: Recipe, arch: Arch, *, device: str = "cuda") -> tuple[Recipe, str] | None:
+def fit_to_budget(recipe: Recipe, arch: Arch, *, device: str = "cuda", world: int = 1) -> tuple[Recipe, str] | None:
     """The cheapest change that fits the budget: a smaller micro-batch with more accumulation (same effective
     batch), then gradient checkpointing, then a smaller eval batch. Returns the recipe and what changed (the
     recipe as is when it fits or no budget is set), or None when nothing fits. `arch` is the recipe's (from
     recipe_arch or analyze): the changes leave the model and method, so the skeleton, as they are."""
     budget = budget_gib(recipe.budget)
-    plan = plan_from_arch(recipe, arch, device)
+    plan = plan_from_arch(recipe, arch, device, world=world)
     if budget is None or plan.fits:
         return recipe, "no memory budget set" if budget is None else f"fits as is ({plan.peak_gib:.1f} GiB)"
-    fitted = _fit_training(recipe, arch, device, budget)
+    fitted = _fit_training(recipe, arch, device, budget, world)
     fitted = fitted and _fit_eval(fitted, arch, device, budget)
     return (fitted, _describe_fit(recipe, fitted)) if fitted else None
 
 
-def _fit_training(recipe: Recipe, arch: Arch, device: str, budget: float) -> Recipe | None:
+def _fit_training(recipe: Recipe, arch: Arch, device: str, budget: float, world: int) -> Recipe | None:
     t = recipe.train
     sizes = [d for d in range(t.micro_batch_size, 0, -1) if t.micro_batch_size % d == 0]  # exact accumulation
     settings = [(t.gradient_checkpointing, mb) for mb in sizes]
@@ -541,7 +551,7 @@ def _fit_training(recipe: Recipe, arch: Arch, device: str, budget: float) -> Rec
         train = dataclasses.replace(t, gradient_checkpointing=checkpointing, micro_batch_size=mb,
                                     gradient_accumulation_steps=steps)
         candidate = dataclasses.replace(recipe, train=train)
-        if plan_from_arch(candidate, arch, device).train_peak_gib <= budget:
+        if plan_from_arch(candidate, arch, device, world=world).train_peak_gib <= budget:
             return candidate
     return None
 

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from transformers import TrainerCallback
 
-from qlora_lite import events
+from qlora_lite import dist, events
 from qlora_lite.memory import CUDA_CONTEXT_GIB
 from qlora_lite.rundir import RunDir, append_jsonl, write_json
 
@@ -42,8 +42,9 @@ def open_probe(device: str) -> Probe:
         import pynvml
 
         pynvml.nvmlInit()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-        index = int(visible) if visible.isdigit() else torch.cuda.current_device()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")  # DDP: this rank's own GPU
+        mine = visible[dist.local_rank()].strip() if dist.local_rank() < len(visible) else ""
+        index = int(mine) if mine.isdigit() else torch.cuda.current_device()
         probe.nvml_handle = pynvml.nvmlDeviceGetHandleByIndex(index)
     except Exception as e:  # NVMLError_LibraryNotFound, driver mismatch, UUID-style CUDA_VISIBLE_DEVICES...
         probe.missing.append(
@@ -135,8 +136,13 @@ class MemoryMonitor(TrainerCallback):
         self.exceeded: dict | None = None  # the first sample over budget
 
     def record(self, step: int) -> dict:
+        """This process's sample (what its budget is checked against); DDP: every rank samples its own GPU at the
+        same steps, and rank 0 writes all of them, each with its rank."""
         row = {"step": step, **self.measure(self.probe)}
-        append_jsonl(self.path, row)
+        rows = dist.gather(row)
+        if dist.is_main():
+            for r, each in enumerate(rows):
+                append_jsonl(self.path, {**each, "rank": r} if len(rows) > 1 else each)
         on_gpu = self.probe.device == "cuda"
         self.notify(events.MemorySampled(step, footprint_gib(row) if on_gpu else row.get("rss_gib"), on_gpu))
         return row
@@ -201,7 +207,16 @@ def memory_report(plan, samples: list[dict], budget_gib: float | None, missing: 
         "headroom_gib": None if budget_gib is None or peak is None else budget_gib - peak,
         "missing": missing,
         "samples": len(samples),
+        **({"per_rank_peak_gib": per_rank_peaks(samples)} if any("rank" in s for s in samples) else {}),
     }
+
+
+def per_rank_peaks(samples: list[dict]) -> dict[int, float | None]:
+    """DDP: each rank's peak as its budget counts it (its GPU; on a CPU, its RSS)."""
+    ranks = sorted({s["rank"] for s in samples if "rank" in s})
+    figure = lambda s: footprint_gib(s) if footprint_gib(s) is not None else s.get("rss_gib")  # noqa: E731
+    return {r: max((f for s in samples if s.get("rank") == r and (f := figure(s)) is not None), default=None)
+            for r in ranks}
 
 
 def write_memory_report(rd: RunDir, plan, budget_gib: float | None, missing: list[str]) -> dict:
@@ -224,6 +239,8 @@ def _markdown(report: dict, png: Path | None) -> str:
     lines.append(f"- peak ({report['peak_source']}): {_fmt(report['peak_gib'])}")
     if report["headroom_gib"] is not None:
         lines.append(f"- headroom: {_fmt(report['headroom_gib'])}")
+    for rank, peak in report.get("per_rank_peak_gib", {}).items():
+        lines.append(f"- peak of rank {rank}: {_fmt(peak)}")
     for note in report["missing"]:
         lines.append(f"- not measured: {note}")
     plan, measured = report["predicted"], report["measured"]
@@ -258,10 +275,12 @@ def _timeline_png(path: Path, samples: list[dict], budget_gib: float | None, pla
     fig, ax = plt.subplots(figsize=(7, 3.5))
     series = {"cuda_allocated_gib": "allocated", "cuda_reserved_gib": "reserved",
               "process_used_gib": "device (this process)", "rss_gib": "host RSS"}
+    ranks = sorted({s.get("rank", 0) for s in samples})
     for key, label in series.items():
-        points = [(s["step"], s[key]) for s in samples if key in s]
-        if points:
-            ax.plot(*zip(*points), marker=".", label=label)
+        for rank in ranks:
+            points = [(s["step"], s[key]) for s in samples if key in s and s.get("rank", 0) == rank]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=label + (f" (rank {rank})" if len(ranks) > 1 else ""))
     if budget_gib:
         ax.axhline(budget_gib, color="red", linestyle="--", label=f"budget {budget_gib:g} GiB")
     if plan:

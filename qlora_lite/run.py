@@ -16,15 +16,22 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import torch
+
 from qlora_lite import data as data_stage
+from qlora_lite import dist
 from qlora_lite import evaluate, events, export, fewshot, gguf_export, knowledge, memory, monitor, packing, report
 from qlora_lite import tracking
 from qlora_lite import model as model_stage
 from qlora_lite import train as train_stage
 from qlora_lite.errors import BudgetError, Interrupted, UserError
 from qlora_lite.recipe import SECTIONS, Recipe, changed_settings
-from qlora_lite.rundir import RunDir, check_checkpoint, interrupted_message, write_json
-from qlora_lite.source import cache_key, library_versions, model_identity, read_cached, write_cached
+from qlora_lite.rundir import (
+    RunDir, check_checkpoint, checkpoint_processes, interrupted_message, write_json,
+)
+from qlora_lite.source import (
+    cache_key, library_versions, model_identity, read_cached, resolve_model_source, write_cached,
+)
 
 # Sections whose change makes a checkpoint meaningless: resuming with them changed is refused.
 FROZEN_ON_RESUME = ("model", "data", "prompt", "method", "quantization", "lora")
@@ -48,77 +55,88 @@ class RunResult:
 def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.ignore) -> RunResult:
     started = time.monotonic()
     rd = RunDir(recipe.run_dir)
-    check_run_dir(recipe, resume)  # refuse at once, before minutes of loading
-    device = model_stage.pick_device(recipe.train)
-    monitor.reset_peaks(device)  # a second run in this process (compare) measures its own peak
-    optimizer = train_stage.pick_optimizer(recipe.train, device)
-    tracking.check_trackers(recipe.train)
-    if device == "cpu" and recipe.quantization.compute_dtype in ("bf16", "fp16"):  # no autocast: eval would fail
-        raise UserError(f"quantization.compute_dtype = {recipe.quantization.compute_dtype!r} needs a CUDA GPU; on a "
-                        f"CPU use \"auto\" (fp32: bf16 matmuls there are ~15x slower)")
+    # Every rank prepares (DDP: a user error on any rank stops them all, said once); rank 0 alone writes.
+    with dist.together():
+        check_run_dir(recipe, resume)  # refuse at once, before minutes of loading
+        device = model_stage.pick_device(recipe.train)
+        monitor.reset_peaks(device)  # a second run in this process (compare) measures its own peak
+        optimizer = train_stage.pick_optimizer(recipe.train, device)
+        tracking.check_trackers(recipe.train)
+        if device == "cpu" and recipe.quantization.compute_dtype in ("bf16", "fp16"):  # no autocast: eval fails
+            raise UserError(f"quantization.compute_dtype = {recipe.quantization.compute_dtype!r} needs a CUDA GPU; "
+                            f"on a CPU use \"auto\" (fp32: bf16 matmuls there are ~15x slower)")
 
-    # Plan memory from the config alone; refuse, or re-fit, a recipe that cannot fit its budget.
-    recipe, plan = plan_within_budget(recipe, notify)
-    notify(events.RecipeResolved(rd.path, rd.recipe, tuple(changed_settings(recipe))))
-    notify(events.Planned(plan))
+        # Plan memory from the config alone; refuse, or re-fit, a recipe that cannot fit its budget.
+        recipe, plan = plan_within_budget(recipe, notify, dist.world())
+        notify(events.RecipeResolved(rd.path, rd.recipe, tuple(changed_settings(recipe))))
+        notify(events.Planned(plan))
 
-    # Data, then model: a missing file, column or model fails here, and leaves nothing behind.
-    splits = data_stage.load_splits(recipe.data, recipe.prompt)
-    mix_splits = data_stage.load_mix(recipe.data, recipe.prompt)  # [[data.mix]]: other tasks drawn into training
-    held_out_split, held_out = evaluate.held_out_rows(recipe, splits=splits) if recipe.eval.enabled else (None, [])
-    if recipe.eval.forgetting:
-        evaluate.forgetting_texts(recipe.eval.forgetting)  # a missing or unreadable text fails now, not after training
-    if recipe.eval.knowledge and held_out:
-        knowledge.read_questions(recipe.eval.knowledge)  # a bad question too
-    if held_out:
-        fewshot.check_shots(recipe.eval.shots, splits["train"], recipe.data)  # more shots than training rows too
-    train_stage.seed_run(recipe.train, device)  # before anything draws: every method of compare starts alike
-    loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train, recipe.method, recipe.prompt,
-                                    conversations=recipe.data.format == "messages")
-    if recipe.export.gguf:  # an architecture or tokenizer the GGUF writer cannot convert: said before training
-        gguf_export.check_supported(loaded.model.config)
-        gguf_export.check_tokenizer(loaded.tokenizer, loaded.model.config.vocab_size, f"of {recipe.model.name}")
-    if recipe.train.packing and loaded.is_encoder_decoder:
-        raise UserError("train.packing: an encoder-decoder model reads each prompt in its encoder and cannot pack "
-                        "examples into one row; set packing = false for this model")
-    if held_out:  # prompts that leave no room for eval.max_new_tokens, found before training
-        evaluate.encode_prompts(held_out, recipe, loaded.tokenizer, loaded.is_encoder_decoder)
-    train_ds, stats = data_stage.build_examples(
-        splits["train"], loaded.tokenizer, recipe.data, recipe.prompt, recipe.train, loaded.is_encoder_decoder
-    )
-    if stats.rows < recipe.train.micro_batch_size:  # it trained on one batch of them all, planned as a bigger one
-        raise UserError(
-            f"train.micro_batch_size = {recipe.train.micro_batch_size} is more than the {stats.rows} usable rows of "
-            f"data.train ({recipe.data.train}); set train.micro_batch_size to {stats.rows} or less, or add data"
+        # Data, then model: a missing file, column or model fails here, and leaves nothing behind.
+        splits = data_stage.load_splits(recipe.data, recipe.prompt)
+        mix_splits = data_stage.load_mix(recipe.data, recipe.prompt)  # [[data.mix]]: other tasks drawn in
+        held_out_split, held_out = evaluate.held_out_rows(recipe, splits=splits) if recipe.eval.enabled else (None, [])
+        if recipe.eval.forgetting:
+            evaluate.forgetting_texts(recipe.eval.forgetting)  # a missing or unreadable text fails now, not later
+        if recipe.eval.knowledge and held_out:
+            knowledge.read_questions(recipe.eval.knowledge)  # a bad question too
+        if held_out:
+            fewshot.check_shots(recipe.eval.shots, splits["train"], recipe.data)  # more shots than training rows too
+        train_stage.seed_run(recipe.train, device)  # before anything draws: every method of compare starts alike
+        with dist.main_first():  # a GGUF model is converted once, by rank 0, into the cache the others read
+            resolve_model_source(recipe.model)
+        loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train, recipe.method, recipe.prompt,
+                                        conversations=recipe.data.format == "messages")
+        if recipe.export.gguf:  # an architecture or tokenizer the GGUF writer cannot convert: said before training
+            gguf_export.check_supported(loaded.model.config)
+            gguf_export.check_tokenizer(loaded.tokenizer, loaded.model.config.vocab_size, f"of {recipe.model.name}")
+        if recipe.train.packing and loaded.is_encoder_decoder:
+            raise UserError("train.packing: an encoder-decoder model reads each prompt in its encoder and cannot pack "
+                            "examples into one row; set packing = false for this model")
+        if held_out:  # prompts that leave no room for eval.max_new_tokens, found before training
+            evaluate.encode_prompts(held_out, recipe, loaded.tokenizer, loaded.is_encoder_decoder)
+        train_ds, stats = data_stage.build_examples(
+            splits["train"], loaded.tokenizer, recipe.data, recipe.prompt, recipe.train, loaded.is_encoder_decoder
         )
-    eval_ds = None
-    if "eval" in splits:
-        eval_ds, _ = data_stage.build_examples(
-            splits["eval"], loaded.tokenizer, recipe.data, recipe.prompt, recipe.train, loaded.is_encoder_decoder,
-            split="eval",
-        )
-    mixed, source_evals = (), {}
-    if recipe.data.mix:  # one pass over the main task with the other sources drawn in at their weights
-        train_ds, mixed, source_evals = data_stage.mix_examples(
-            train_ds, mix_splits, loaded.tokenizer, recipe.data, recipe.prompt, recipe.train,
-            loaded.is_encoder_decoder, recipe.train.seed)
-    tokens_total = sum(map(len, train_ds["input_ids"]))
-    packed = None
-    if recipe.train.packing:  # several examples per row: steps, epochs and tokens per step count rows, not examples
-        train_ds, packed = packing.pack(train_ds, recipe.train.max_length)
-        eval_ds = packing.pack(eval_ds, recipe.train.max_length)[0] if eval_ds is not None else None
-        source_evals = {k: packing.pack(ds, recipe.train.max_length)[0] for k, ds in source_evals.items()}
-    if mixed and eval_ds is not None:  # the main task's eval loss beside the other sources'
-        source_evals = {"data": eval_ds, **source_evals}
+        if stats.rows < recipe.train.micro_batch_size:  # it trained on one batch of them all, planned as a bigger one
+            raise UserError(
+                f"train.micro_batch_size = {recipe.train.micro_batch_size} is more than the {stats.rows} usable rows "
+                f"of data.train ({recipe.data.train}); set train.micro_batch_size to {stats.rows} or less, or add data"
+            )
+        eval_ds = None
+        if "eval" in splits:
+            eval_ds, _ = data_stage.build_examples(
+                splits["eval"], loaded.tokenizer, recipe.data, recipe.prompt, recipe.train, loaded.is_encoder_decoder,
+                split="eval",
+            )
+        mixed, source_evals = (), {}
+        if recipe.data.mix:  # one pass over the main task with the other sources drawn in at their weights
+            train_ds, mixed, source_evals = data_stage.mix_examples(
+                train_ds, mix_splits, loaded.tokenizer, recipe.data, recipe.prompt, recipe.train,
+                loaded.is_encoder_decoder, recipe.train.seed)
+        tokens_total = sum(map(len, train_ds["input_ids"]))
+        packed = None
+        if recipe.train.packing:  # several examples per row: steps, epochs and tokens per step count rows, not examples
+            train_ds, packed = packing.pack(train_ds, recipe.train.max_length)
+            eval_ds = packing.pack(eval_ds, recipe.train.max_length)[0] if eval_ds is not None else None
+            source_evals = {k: packing.pack(ds, recipe.train.max_length)[0] for k, ds in source_evals.items()}
+        if mixed and eval_ds is not None:  # the main task's eval loss beside the other sources'
+            source_evals = {"data": eval_ds, **source_evals}
     rows = packed.rows if packed else len(train_ds)
-    create_run_dir(rd, recipe, loaded.device)
-    if "tensorboard" in recipe.train.report_to:
+    if resume and rd.last_checkpoint() and (before := checkpoint_processes(rd.last_checkpoint())) != dist.world():
+        # weights, optimizer and schedule are the same on every rank: they load; the data order does not carry over
+        accumulation = recipe.train.gradient_accumulation_steps * before
+        notify(events.ResumedOnOtherProcesses(
+            before, dist.world(), recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps
+            * dist.world(), accumulation // dist.world() if accumulation % dist.world() == 0 else None))
+    if dist.is_main():
+        create_run_dir(rd, recipe, loaded.device)
+    if "tensorboard" in recipe.train.report_to and dist.is_main():
         notify = events.tee(notify, tracking.TensorBoardLog(rd.tensorboard))
         notify(events.TensorBoardWriting(rd.tensorboard))
     model_stage.attach_method(loaded, recipe)
     trainable, total = model_stage.count_parameters(loaded.model)
-    steps = train_stage.planned_steps(recipe.train, rows)
-    effective_batch = recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps
+    steps = train_stage.planned_steps(recipe.train, rows, dist.world())
+    effective_batch = recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps * dist.world()
     probe = monitor.open_probe(loaded.device)
     leaked = data_stage.rows_also_in(held_out, splits["train"], recipe.data) if held_out else 0
     tokens_per_step = tokens_total / rows * effective_batch
@@ -134,27 +152,32 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
         expected_train_s=steps * tokens_per_step / speed["train_tokens_per_s"] if speed.get("train_tokens_per_s")
         else None,
         expected_eval_s=expected_eval_seconds(recipe, len(held_out), speed) if held_out else None, mixed=mixed,
+        processes=dist.world(), threads=torch.get_num_threads(),
     ))
 
-    # Train, watching memory; a crossed budget stops with a checkpoint and the adapter saved.
+    # Train, watching memory; a crossed budget stops with a checkpoint and the adapter saved. DDP: each rank
+    # watches its own GPU, and a rank that crosses the budget stops them all (train.SyncStop).
     watcher = monitor.MemoryMonitor(rd.memory_log, probe, plan.budget_gib, recipe.budget.on_exceed, notify)
-    try:
-        result = train_stage.train(loaded, train_ds, eval_ds, recipe.train, rd, resume=resume, notify=notify,
-                                   callbacks=[watcher], source_evals=source_evals)
-    finally:
-        monitor.write_memory_report(rd, plan, plan.budget_gib, probe.missing)
-    notify(events.Trained(result))
-    if watcher.exceeded and recipe.budget.on_exceed == "stop":
-        used = monitor.footprint_gib(watcher.exceeded)
-        raise BudgetError(
-            f"memory budget crossed at step {watcher.exceeded['step']}: {used:.2f} GiB > {plan.budget_gib:g} GiB. "
-            f"Trained weights saved to {result.saved_dir} and a checkpoint to {rd.last_checkpoint()}; "
-            f"lower train.micro_batch_size or train.max_length and continue with --resume"
-        )
-    if result.interrupted and result.steps < result.max_steps:
-        raise Interrupted(interrupted_message(recipe))
+    with dist.together():
+        try:
+            result = train_stage.train(loaded, train_ds, eval_ds, recipe.train, rd, resume=resume, notify=notify,
+                                       callbacks=[watcher], source_evals=source_evals)
+        finally:
+            if dist.is_main():
+                monitor.write_memory_report(rd, plan, plan.budget_gib, probe.missing)
+        notify(events.Trained(result))
+        if watcher.exceeded and recipe.budget.on_exceed == "stop":
+            used = monitor.footprint_gib(watcher.exceeded)
+            raise BudgetError(
+                f"memory budget crossed at step {watcher.exceeded['step']}: {used:.2f} GiB > {plan.budget_gib:g} "
+                f"GiB. Trained weights saved to {result.saved_dir} and a checkpoint to {rd.last_checkpoint()}; "
+                f"lower train.micro_batch_size or train.max_length and continue with --resume"
+            )
+        if result.interrupted and result.steps < result.max_steps:
+            raise Interrupted(interrupted_message(recipe))
+    dist.split()  # several processes: rank 0 goes on alone from here, the others wait for its exit status
     # training is complete: eval and merge may follow
-    write_result(rd, recipe, result, trainable, total, loaded.device, mixed)
+    write_result(rd, recipe, result, trainable, total, loaded.device, mixed, effective_batch)
     if speed_key and result.steps:
         speed = {**speed, "train_tokens_per_s": result.tokens_per_s}
         write_cached("speed", speed_key, speed)
@@ -196,7 +219,7 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
 
 
 def write_result(rd: RunDir, recipe: Recipe, result: train_stage.TrainResult, trainable: int, total: int,
-                 device: str, mixed: tuple[data_stage.MixedSource, ...] = ()) -> None:
+                 device: str, mixed: tuple[data_stage.MixedSource, ...] = (), effective_batch: int = 0) -> None:
     """result.json: what training did, in one small file (compare and other tools read it). With [[data.mix]]:
     the examples drawn from each source and, where a source has an eval split, its eval loss after training."""
     mix = {"rows_per_source": {m.key: m.rows for m in mixed}} if mixed else {}
@@ -208,6 +231,7 @@ def write_result(rd: RunDir, recipe: Recipe, result: train_stage.TrainResult, tr
         "tokens_per_s": result.tokens_per_s, "trainable_params": trainable, "total_params": total,
         "saved_dir": str(result.saved_dir), "seed": recipe.train.seed,
         "reproducible": train_stage.reproducibility(recipe.train, device),
+        "processes": dist.world(), "effective_batch": effective_batch, "replicas": result.replicas,
     })
 
 
@@ -232,13 +256,14 @@ def expected_eval_seconds(recipe: Recipe, rows: int, speed: dict) -> float | Non
     return rows * speed["eval_seconds_per_row"] * recipe.eval.max_new_tokens / speed["eval_max_new_tokens"]
 
 
-def plan_within_budget(recipe: Recipe, notify: events.Notify) -> tuple[Recipe, memory.MemoryPlan]:
-    """The memory plan; with a budget it cannot meet, the auto-fitted recipe or a BudgetError with the fix."""
+def plan_within_budget(recipe: Recipe, notify: events.Notify, world: int = 1) -> tuple[Recipe, memory.MemoryPlan]:
+    """The memory plan (per GPU, for `world` processes); with a budget it cannot meet, the auto-fitted recipe or a
+    BudgetError with the fix."""
     arch = memory.recipe_arch(recipe)
-    plan = memory.plan_from_arch(recipe, arch)
+    plan = memory.plan_from_arch(recipe, arch, world=world)
     if plan.fits is not False:
         return recipe, plan
-    fitted = memory.fit_to_budget(recipe, arch)
+    fitted = memory.fit_to_budget(recipe, arch, world=world)
     over = f"predicted peak {plan.peak_gib:.2f} GiB ({plan.phase}) exceeds the budget of {plan.budget_gib:g} GiB"
     if fitted is None:
         raise BudgetError(
@@ -250,7 +275,7 @@ def plan_within_budget(recipe: Recipe, notify: events.Notify) -> tuple[Recipe, m
         raise BudgetError(f"{over}. The cheapest change that fits: {change}. Set it in the recipe, or set "
                           f"[budget] auto_fit = true to apply it automatically")
     notify(events.AutoFitted(change))
-    return new_recipe, memory.plan_from_arch(new_recipe, arch)  # same model and method: same skeleton
+    return new_recipe, memory.plan_from_arch(new_recipe, arch, world=world)  # same model and method: same skeleton
 
 
 def check_run_dir(recipe: Recipe, resume: bool) -> None:
@@ -276,7 +301,8 @@ def check_run_dir(recipe: Recipe, resume: bool) -> None:
         if rd.has_trained_weights():
             raise UserError(f"--resume: {rd} has trained weights but no checkpoint to continue from; "
                             f"pick a new name to train again (--set name=NEW_NAME)")
-        rd.keep_logged_steps(None)
+        if dist.is_main():
+            rd.keep_logged_steps(None)
         return  # trains from step 0 in the same folder
     changed = changed_since(recipe)
     if changed:
@@ -285,7 +311,8 @@ def check_run_dir(recipe: Recipe, resume: bool) -> None:
             f"continues the same model, data and adapter. Use a new name to start over"
         )
     done = check_checkpoint(last)
-    rd.keep_logged_steps(done)  # steps after the checkpoint are trained again: logged again
+    if dist.is_main():
+        rd.keep_logged_steps(done)  # steps after the checkpoint are trained again: logged again
     if recipe.train.max_steps is not None and done >= recipe.train.max_steps:
         raise UserError(  # the Trainer would run one step past max_steps
             f"--resume: {rd} already trained {done} steps ({last.name}) and train.max_steps is "

@@ -376,6 +376,12 @@ def stopped_early(checkpoint: Path) -> bool:
         return False
 
 
+def checkpoint_processes(checkpoint: Path) -> int:
+    """How many processes trained up to a checkpoint: each DDP rank saves its random state as rng_state_<rank>.pth,
+    one process as rng_state.pth."""
+    return len(list(checkpoint.glob("rng_state_*.pth"))) or 1
+
+
 def check_checkpoint(checkpoint: Path) -> int:
     """The step of a checkpoint --resume can load (a crash or a full disk during its save leaves one that is not):
     the trainer state, the weights and, as the Trainer loads them, the optimizer and scheduler states; else an

@@ -24,7 +24,7 @@ import numpy
 import torch
 from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
-from qlora_lite import events, packing
+from qlora_lite import dist, events, packing
 from qlora_lite.errors import BudgetError, UserError
 from qlora_lite.model import LoadedModel
 from qlora_lite.recipe import TrainRecipe
@@ -49,6 +49,7 @@ class TrainResult:
     max_steps: int = 0  # the steps the trainer planned (epochs counted as it counts them)
     interrupted: bool = False  # Ctrl-C: stopped after `steps` with a checkpoint
     eval_losses: dict[str, float] | None = None  # [[data.mix]]: the eval loss of each source with an eval split
+    replicas: dict | None = None  # DDP: whether every rank ended with the same trained weights (dist.check_replicas)
 
 
 def seed_run(train: TrainRecipe, device: str) -> None:
@@ -88,11 +89,12 @@ def pick_optimizer(train: TrainRecipe, device: str) -> str:
     return train.optimizer_on(device)
 
 
-def planned_steps(train: TrainRecipe, train_rows: int) -> int:
-    """Optimizer steps the run will take: max_steps, or epochs over the training rows."""
+def planned_steps(train: TrainRecipe, train_rows: int, world: int = 1) -> int:
+    """Optimizer steps the run will take: max_steps, or epochs over the training rows (`world` processes each take
+    a micro-batch per accumulation step)."""
     if train.max_steps is not None:
         return train.max_steps
-    per_epoch = math.ceil(train_rows / (train.micro_batch_size * train.gradient_accumulation_steps))
+    per_epoch = math.ceil(train_rows / (train.micro_batch_size * train.gradient_accumulation_steps * world))
     return max(1, math.ceil(per_epoch * (train.epochs or 1.0)))
 
 
@@ -130,6 +132,11 @@ def _common_args(train: TrainRecipe, loaded: LoadedModel, checkpoints: Path, has
         include_num_input_tokens_seen="all",
         remove_unused_columns=False,
         dataloader_pin_memory=loaded.device == "cuda",
+        # DDP (ignored in one process). A PeftModel is no PreTrainedModel, so the Trainer would search for unused
+        # parameters, which reentrant gradient checkpointing breaks ("mark a variable ready only once",
+        # accelerate#2017, peft#313); every trainable weight takes part in each forward pass anyway.
+        ddp_find_unused_parameters=False,
+        ddp_backend="gloo" if loaded.device == "cpu" and dist.world() > 1 else None,
     )
 
 
@@ -149,6 +156,8 @@ class MetricsLog(TrainerCallback):
         self.notify(events.StepDone(state.global_step, state.max_steps))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:  # DDP: the logged figures are already averaged over the ranks
+            return
         logs = dict(logs or {})
         elapsed = time.monotonic() - self.start
         row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
@@ -211,6 +220,19 @@ class StopOnCtrlC(TrainerCallback):
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+
+
+class SyncStop(TrainerCallback):
+    """DDP: a stop that one rank decided (Ctrl-C, a crossed budget) made by every rank at the end of the same step,
+    each saving its part of the same checkpoint; a rank that stopped alone would leave the others waiting in the
+    next gradient exchange. Added after every callback that may stop training."""
+
+    def __init__(self, ctrl_c: StopOnCtrlC):
+        self.ctrl_c = ctrl_c
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop, save, ctrl_c = dist.any_rank([control.should_training_stop, control.should_save, self.ctrl_c.requested])
+        control.should_training_stop, control.should_save, self.ctrl_c.requested = stop, save, ctrl_c
 
 
 def build_trainer(loaded: LoadedModel, train_ds, eval_ds, train: TrainRecipe, rd: RunDir, callbacks: list):
@@ -294,7 +316,8 @@ def train(
     `source_evals`: eval examples by source ("data", "data.mix[1]"), each scored once training is done."""
     metrics = MetricsLog(rd.metrics, notify)
     ctrl_c = StopOnCtrlC(notify)
-    trainer = build_trainer(loaded, train_ds, eval_ds, train, rd, [metrics, RateOnResume(), ctrl_c, *callbacks])
+    trainer = build_trainer(loaded, train_ds, eval_ds, train, rd,
+                            [metrics, RateOnResume(), ctrl_c, *callbacks, SyncStop(ctrl_c)])
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the events replace it
     checkpoint = rd.last_checkpoint() if resume else None
     started = time.monotonic()
@@ -307,16 +330,18 @@ def train(
         out_of_memory = True  # handled below, once the exception's frames (and the activations they hold) are gone
     if out_of_memory:
         last = save_after_out_of_memory(trainer, loaded, rd, saved_dir)
-        raise BudgetError(
+        raise dist.alone(BudgetError(
             f"CUDA out of memory during step {trainer.state.global_step + 1}; weights saved to {saved_dir}"
             + (f" and a checkpoint to {last}" if last else " (no step had finished: nothing to resume)")
             + ". Lower train.micro_batch_size (raise gradient_accumulation_steps to keep the effective batch) "
             "or train.max_length, then " + ("continue with --resume" if last else "run again")
-        )
+        ))
     seconds = time.monotonic() - started
     eval_losses = {key: trainer.evaluate(eval_dataset=ds, metric_key_prefix="source")["source_loss"]
                    for key, ds in (source_evals or {}).items()} if not ctrl_c.requested else None
-    save_trained(loaded, saved_dir)
+    replicas = dist.check_replicas(loaded.model) if dist.world() > 1 else None
+    if dist.is_main():
+        save_trained(loaded, saved_dir)
     losses = [loss for _, loss in rd.losses()]
     tokens = trainer.state.num_input_tokens_seen - (metrics.start_tokens or 0)  # this session's (resumed: not before)
     return TrainResult(
@@ -329,6 +354,7 @@ def train(
         max_steps=trainer.state.max_steps,
         interrupted=ctrl_c.requested,
         eval_losses=eval_losses or None,
+        replicas=replicas,
     )
 
 
@@ -340,9 +366,11 @@ def save_after_out_of_memory(trainer, loaded: LoadedModel, rd: RunDir, saved_dir
     loaded.model.zero_grad(set_to_none=True)  # the failed step's partly accumulated gradients
     gc.collect()
     torch.cuda.empty_cache()
-    save_trained(loaded, saved_dir)
+    save_trained(loaded, saved_dir)  # DDP: every rank holds the same weights
     step = trainer.state.global_step
-    if step and not rd.checkpoint(step).is_dir():
+    # DDP: the other ranks wait in the gradient exchange and cannot join the checkpoint's collectives: the last
+    # periodic checkpoint is the one to resume from
+    if step and not rd.checkpoint(step).is_dir() and dist.world() == 1:
         trainer._save_checkpoint(trainer.model, trial=None)  # what Trainer writes every save_steps
     return rd.last_checkpoint()
 

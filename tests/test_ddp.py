@@ -1,0 +1,180 @@
+"""More than one process (issue 16): `run --nproc 2` on the CPU (two processes, gloo) trains what one process with
+twice the gradient accumulation trains, with one set of logs and one voice; torchrun started by hand does too."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import recipe_text
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
+
+STEPS = ["--set", "train.max_steps=4", "--set", "train.save_steps=2", "--set", "train.micro_batch_size=4",
+         "--set", "train.gradient_checkpointing=true", "--set", "export.merge=false"]
+
+
+def qlora_lite(*args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process with one thread per process (the same arithmetic in every run compared)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", *(launcher or []), "qlora_lite", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def metrics_steps(run_dir) -> list[int]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if "loss" in r and r.get("event") != "end"]
+
+
+def adapter(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_llama, tiny_data, tmp_path_factory):
+    """The same recipe on two processes (micro-batch 4 each) and on one (micro-batch 4, accumulation 2)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    recipe = tmp / "r.toml"
+    recipe.write_text(recipe_text(tiny_llama, tiny_data, tmp / "runs", name="ddp"))
+    two = qlora_lite("run", str(recipe), "--nproc", "2", *STEPS)
+    one = qlora_lite("run", str(recipe), *STEPS, "--set", "name=one", "--set", "train.gradient_accumulation_steps=2")
+    return recipe, tmp / "runs", two, one
+
+
+def test_two_processes_train_as_one_process_with_twice_the_accumulation(two_runs):
+    recipe, runs, two, one = two_runs
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert one.returncode == 0, one.stderr[-3000:]
+    # one voice: the setup and the training table printed once, the global batch in both
+    assert two.stdout.count("effective batch 8 (4 per process x 2 processes)") == 1, two.stdout
+    assert two.stdout.count("2 x cpu (DDP, gloo), 1 CPU thread each") == 1
+    assert two.stdout.count("first loss") == 1 and "Traceback" not in two.stderr
+    assert "effective batch 8 " in one.stdout
+    # one set of logs: a row per logged step, written by rank 0 alone
+    assert metrics_steps(runs / "ddp") == [1, 2, 3, 4]
+    memory = [json.loads(line) for line in (runs / "ddp" / "memory.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["rank"]) for m in memory] == [(s, r) for s in range(5) for r in (0, 1)]  # each rank's own
+    report = json.loads((runs / "ddp" / "memory_report.json").read_text())
+    assert set(report["per_rank_peak_gib"]) == {"0", "1"}
+    result = json.loads((runs / "ddp" / "result.json").read_text())
+    assert result["processes"] == 2 and result["effective_batch"] == 8
+    assert result["replicas"] == {"world_size": 2, "identical": True}
+    assert result["last_loss"] < result["first_loss"]
+    single = json.loads((runs / "one" / "result.json").read_text())
+    assert single["effective_batch"] == 8 and single["processes"] == 1
+    # the same training: each rank's batches are the single process's accumulated micro-batches
+    a, b = adapter(runs / "ddp"), adapter(runs / "one")
+    assert a.keys() == b.keys() and a
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-5, worst
+    moved = max(a[k].abs().max().item() for k in a if "lora_B" in k)
+    assert moved > 1e-3  # LoRA B starts at zero: the comparison is of trained weights
+    rows_two = [json.loads(x) for x in (runs / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    rows_one = [json.loads(x) for x in (runs / "one" / "metrics.jsonl").read_text().splitlines()]
+    losses = lambda rows: [r["loss"] for r in rows if "loss" in r and r.get("event") != "end"]  # noqa: E731
+    assert losses(rows_two) == pytest.approx(losses(rows_one), abs=1e-5)
+    # a checkpoint every rank wrote its part of
+    ckpt = runs / "ddp" / "checkpoints" / "checkpoint-4"
+    assert (ckpt / "rng_state_0.pth").is_file() and (ckpt / "rng_state_1.pth").is_file()
+
+
+def test_torchrun_started_by_hand_resumes_the_run(two_runs):
+    recipe, runs, two, _ = two_runs
+    assert two.returncode == 0
+    again = qlora_lite("run", str(recipe), "--resume", *STEPS, "--set", "train.max_steps=6",
+                       launcher=["torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert metrics_steps(runs / "ddp") == [1, 2, 3, 4, 5, 6]
+    assert again.stdout.count("first loss") == 1
+
+
+def test_a_user_error_on_every_rank_is_said_once(tiny_llama, tiny_data, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(recipe_text(tiny_llama, tiny_data, tmp_path / "runs", name="bad"))
+    result = qlora_lite("run", str(recipe), "--nproc", "2", *STEPS, "--set", "data.input_column=nope")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("error:") == 1 and "nope" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_nproc_beyond_the_machine_is_refused_before_anything_starts(tiny_llama, tiny_data, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(recipe_text(tiny_llama, tiny_data, tmp_path / "runs", name="big"))
+    cores = len(os.sched_getaffinity(0))
+    result = qlora_lite("run", str(recipe), "--nproc", str(cores + 1))
+    assert result.returncode == 2
+    assert f"--nproc {cores + 1} on a CPU with {cores} cores" in result.stderr
+    assert not (tmp_path / "runs").exists()
+    result = qlora_lite("run", str(recipe), "--nproc", "0")
+    assert result.returncode == 2 and "--nproc 0" in result.stderr
+
+
+def test_plan_per_gpu_adds_the_ddp_buckets(tiny_llama, tiny_data, tmp_path):
+    from qlora_lite import memory
+    from qlora_lite.recipe import load_recipe
+
+    path = tmp_path / "r.toml"
+    path.write_text(recipe_text(tiny_llama, tiny_data, tmp_path / "runs"))
+    recipe = load_recipe(path)
+    arch = memory.recipe_arch(recipe)
+    one, two = memory.plan_from_arch(recipe, arch), memory.plan_from_arch(recipe, arch, world=2)
+    assert "ddp_buckets" not in one.components
+    assert two.components["ddp_buckets"] == pytest.approx(4 * arch.params.trainable / 2**30)
+    assert two.train_peak_gib == pytest.approx(one.train_peak_gib + two.components["ddp_buckets"] * 1.0, rel=1e-9)
+    assert two.world_size == 2 and any("DDP" in n for n in two.notes)
+
+
+def test_ctrl_c_stops_every_process_at_one_step_with_a_checkpoint(tiny_llama, tiny_data, tmp_path):
+    """A terminal's Ctrl-C reaches `run --nproc 2` and torchrun, which hands it to each process: they agree on the
+    step to stop after, save one checkpoint, and the run resumes from it."""
+    import signal
+    import time
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(recipe_text(tiny_llama, tiny_data, tmp_path / "runs", name="c"))
+    run_dir = tmp_path / "runs" / "c"
+    steps = [*STEPS, "--set", "train.max_steps=2000", "--set", "train.save_steps=1000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_lite", "run", str(recipe), "--nproc", "2", *steps],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a terminal's foreground job
+    deadline = time.monotonic() + 300
+    while not ((run_dir / "metrics.jsonl").is_file() and len(metrics_steps(run_dir)) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.count("interrupted") == 1 and "--resume" in err and "Traceback" not in err, err
+    checkpoints = list((run_dir / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1
+    stopped = int(checkpoints[0].name.split("-")[1])
+    assert (checkpoints[0] / "rng_state_0.pth").is_file() and (checkpoints[0] / "rng_state_1.pth").is_file()
+    assert metrics_steps(run_dir) == list(range(1, stopped + 1))
+    assert f"stopped by Ctrl-C: {stopped} of 2000 steps" in out
+    again = qlora_lite("run", str(recipe), "--nproc", "2", "--resume", *steps, "--set",
+                       f"train.max_steps={stopped + 2}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert metrics_steps(run_dir) == list(range(1, stopped + 3))
+
+
+def test_resume_on_another_number_of_processes_says_what_changes(two_runs):
+    recipe, runs, _, one = two_runs
+    assert one.returncode == 0
+    again = qlora_lite("run", str(recipe), "--nproc", "2", "--resume", *STEPS, "--set", "name=one",
+                       "--set", "train.gradient_accumulation_steps=2", "--set", "train.max_steps=6")
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = " ".join(again.stdout.split())
+    assert "resuming on 2 processes a run trained on 1" in said, said
+    assert "effective batch is now 16 (--set train.gradient_accumulation_steps=1 keeps the one it had)" in said
+    assert metrics_steps(runs / "one") == [1, 2, 3, 4, 5, 6]
+    result = json.loads((runs / "one" / "result.json").read_text())
+    assert result["processes"] == 2 and result["effective_batch"] == 16
