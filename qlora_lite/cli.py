@@ -383,7 +383,7 @@ def cmd_compare(args) -> int:
 
 
 def plan_table(plan, name: str) -> Table:
-    per_gpu = f"per GPU of {plan.world_size} (DDP), " if plan.world_size > 1 else ""
+    per_gpu = f"per GPU of {plan.world_size} ({plan.strategy.upper()}), " if plan.world_size > 1 else ""
     table = Table(title=f"memory plan: {name} ({per_gpu}peak in the {plan.phase} phase)", title_justify="left",
                   caption="\n".join(f"note: {escape(n)}" for n in plan.notes) or None, caption_justify="left")
     table.add_column("component")

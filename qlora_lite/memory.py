@@ -69,7 +69,9 @@ BNB_MIN_8BIT_NUMEL, BNB_PAGED_MIN_NUMEL = 4096, 100_000  # bitsandbytes/optim/op
 CHECKED_FAMILIES = ("llama", "t5", "mt5", "mistral", "qwen2", "gemma2", "phi", "phi3", "gpt2", "gpt_neox", "opt",
                     "bloom", "falcon", "bart")
 PLAN_KEYS = ("weights_4bit", "weights_16bit", "trainable_weights", "gradients", "optimizer", "optimizer_step",
-             "autocast_copies", "activations", "logits", "kv_cache", "ddp_buckets", "cuda_context", "allocator_reserve")
+             "autocast_copies", "activations", "logits", "kv_cache", "ddp_buckets", "fsdp_gathered", "cuda_context",
+             "allocator_reserve")
+PARALLEL_KEYS = ("ddp_buckets", "fsdp_gathered")  # in a plan only with several processes
 TRANSIENT_KEYS = ("optimizer_step", "autocast_copies", "activations", "logits", "kv_cache")
 HERE = Path(__file__).parent
 SKELETON_CODE = ("memory_arch.py", "model.py", "lora.py", "methods.py")  # what analyze runs: a change re-analyzes
@@ -88,7 +90,8 @@ class MemoryPlan:
     fits: bool | None
     phase: str  # "train" or "eval"
     notes: tuple[str, ...] = ()  # what the figures do not cover for this model
-    world_size: int = 1  # DDP processes (one per GPU); every figure is per GPU
+    world_size: int = 1  # processes (one per GPU); every figure is per GPU
+    strategy: str = "ddp"  # with several: "ddp" (each GPU holds the whole model) or "fsdp" (sharded)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -461,7 +464,8 @@ def plan_memory(recipe: Recipe, config, *, device: str = "cuda") -> MemoryPlan:
 
 
 def plan_from_arch(recipe: Recipe, arch: Arch, device: str = "cuda", *, world: int = 1) -> MemoryPlan:
-    """Per GPU: with `world` > 1 each of the DDP processes holds one whole run plus DDP's gradient buckets."""
+    """Per GPU: with `world` > 1 each DDP process holds one whole run plus DDP's gradient buckets; under FSDP
+    (train.strategy) each holds 1/world of the model's state plus the layers gathered whole for compute."""
     (train, train_alloc), (evals, eval_alloc) = phases(recipe, arch, device, world)
     train_peak, eval_peak = sum(train.values()), sum(evals.values())
     phase = "train" if train_peak >= eval_peak else "eval"
@@ -472,11 +476,20 @@ def plan_from_arch(recipe: Recipe, arch: Arch, device: str = "cuda", *, world: i
         peak_allocated_gib=train_alloc if phase == "train" else eval_alloc, train_peak_gib=train_peak,
         eval_peak_gib=eval_peak, trainable_params=arch.params.trainable, total_params=arch.params.total,
         budget_gib=budget, fits=None if budget is None else peak <= budget, phase=phase,
-        notes=plan_notes(arch) + ((DDP_NOTE,) if world > 1 else ()), world_size=world)
+        notes=plan_notes(arch) + parallel_notes(recipe, world), world_size=world, strategy=recipe.train.strategy)
 
 
-DDP_NOTE = ("DDP: each GPU holds the whole model and a copy of every trainable gradient in DDP's buckets; NCCL's own "
-            "buffers (typically 0.1-0.5 GiB per GPU) are not planned: not measured here yet")
+def parallel_notes(recipe: Recipe, world: int) -> tuple[str, ...]:
+    if world == 1:
+        return ()
+    nccl = "NCCL's own buffers (typically 0.1-0.5 GiB per GPU) are not planned: not measured here yet"
+    if recipe.train.strategy == "ddp":
+        return (f"DDP: each GPU holds the whole model and a copy of every trainable gradient in DDP's buckets; "
+                f"{nccl}",)
+    return (f"FSDP ({world} GPUs): weights, gradients and optimizer state split {world} ways; the 4-bit weights' "
+            f"quantization constants stay whole on every GPU (they are not parameters); two layers and the "
+            f"embeddings gathered whole at a time (one computing, one prefetched); {nccl}; host RAM while loading "
+            f"(the checkpoint read once per machine) is not planned",)
 
 
 def plan_notes(arch: Arch) -> tuple[str, ...]:
@@ -505,14 +518,34 @@ def phases(recipe: Recipe, arch: Arch, device: str = "cuda", world: int = 1) -> 
     (gradient_as_bucket_view is off in the Trainer); evaluation runs on rank 0 alone, after the wrapper is gone."""
     p = precision(recipe, arch, device)
     ordinary, paged = optimizer_bytes(recipe, arch, device)
+    ddp = world > 1 and recipe.train.strategy == "ddp"
+    shards = world if recipe.train.strategy == "fsdp" else 1
     train = {**weight_bytes(recipe, arch, p, device), "gradients": 4 * arch.params.trainable,
-             "optimizer": ordinary + paged, "ddp_buckets": 4 * arch.params.trainable if world > 1 else 0}
+             "optimizer": ordinary + paged, "ddp_buckets": 4 * arch.params.trainable if ddp else 0}
+    train = sharded(train, recipe, arch, p, shards)
     transient, step = train_transient(arch, p, recipe, device), step_bytes(recipe, arch, device)
-    train.update(transient if sum(transient.values()) >= step else {"optimizer_step": step})
+    train.update(transient if sum(transient.values()) >= step else {"optimizer_step": step / shards})
     if not recipe.eval.enabled:
-        return _finish(train, device, paged), (dict.fromkeys(PLAN_KEYS, 0.0), 0.0)
-    evals = {**weight_bytes(recipe, arch, p, device, "eval"), **eval_transient(arch, p, recipe, device)}
-    return _finish(train, device, paged), _finish(evals, device, 0)
+        return _finish(train, device, paged / shards), (dict.fromkeys(PLAN_KEYS, 0.0), 0.0)
+    evals = {**sharded(weight_bytes(recipe, arch, p, device, "eval"), recipe, arch, p, shards),
+             **eval_transient(arch, p, recipe, device)}
+    return _finish(train, device, paged / shards), _finish(evals, device, 0)
+
+
+def sharded(parts: dict[str, float], recipe: Recipe, arch: Arch, p: Precision, shards: int) -> dict[str, float]:
+    """FSDP2 over `shards` GPUs: each holds 1/shards of every parameter, gradient and optimizer state, except the
+    4-bit weights' quantization constants (bitsandbytes keeps them beside the parameter, whole); while a layer
+    computes, its parameters are gathered whole, the next layer's prefetched, and the root module's (embeddings,
+    lm_head, final norm) stay gathered through forward and backward."""
+    if shards == 1:
+        return parts
+    packed = sum(math.ceil(n / 2) for n in arch.quantized_numels) if "weights_4bit" in parts else 0
+    out = {k: v / shards for k, v in parts.items()}
+    out["weights_4bit"] = packed / shards + parts.get("weights_4bit", 0) - packed
+    blocks = arch.layers + (arch.decoder_layers if arch.is_encoder_decoder else 0)
+    per_block = (packed + 4 * arch.norm_params + 4 * arch.params.trainable) / blocks
+    out["fsdp_gathered"] = 2 * per_block + p.compute * arch.other_params
+    return out
 
 
 def _finish(parts: dict[str, float], device: str, paged: int) -> tuple[dict[str, float], float]:
@@ -522,7 +555,7 @@ def _finish(parts: dict[str, float], device: str, paged: int) -> tuple[dict[str,
     on_cuda = device == "cuda"
     parts = {**parts, "cuda_context": CUDA_CONTEXT_GIB * GIB if on_cuda else 0.0,
              "allocator_reserve": RESERVE_FRACTION * transient if on_cuda else 0.0}
-    gib = {k: parts.get(k, 0) / GIB for k in PLAN_KEYS if k != "ddp_buckets" or parts.get(k)}  # DDP only
+    gib = {k: parts.get(k, 0) / GIB for k in PLAN_KEYS if k not in PARALLEL_KEYS or parts.get(k)}
     allocated = sum(gib.values()) - gib["cuda_context"] - gib["allocator_reserve"] - paged / GIB
     return gib, allocated
 

@@ -95,6 +95,8 @@ def load_model(model: ModelRecipe, quant: QuantizationRecipe, train: TrainRecipe
             bnb_4bit_quant_type=quant.quant_type,
             bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype if quant.quant_storage == "compute_dtype" or (
+                quant.quant_storage == "auto" and train.strategy == "fsdp") else torch.uint8,
         )
     kwargs["device_map"] = {"": 0} if device == "cuda" else "cpu"
     tokenizer = load_tokenizer(source, model.trust_remote_code, name=f"model.name = {model.name!r}")

@@ -132,6 +132,9 @@ class QuantizationRecipe:
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = _opt(
         "auto", doc="auto = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU"
     )
+    quant_storage: Literal["auto", "uint8", "compute_dtype"] = _opt(
+        "auto", doc="the dtype 4-bit weights are packed in: auto = uint8, or the compute dtype under "
+                    "train.strategy = \"fsdp\" (FSDP shards float parameters only)")
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,9 @@ class TrainRecipe:
     save_total_limit: int = _opt(2, lo=1, doc="checkpoints kept")
     eval_steps: int | None = _opt(None, lo=1, doc="eval loss every N steps (needs data.eval)")
     device: Literal["auto", "cuda", "cpu"] = _opt("auto", doc="auto = cuda when available")
+    strategy: Literal["ddp", "fsdp"] = _opt("ddp", doc="with several GPUs (run --nproc N): ddp = each holds the "
+                                                      "whole model (faster); fsdp = the model sharded across them "
+                                                      "(planned only: plan --nproc N)")
 
     def optimizer_on(self, device: str) -> str:
         """The optimizer this recipe trains with on `device`: auto = paged 8-bit AdamW on CUDA (optimizer state off
@@ -570,6 +576,13 @@ def _cross_checks(s: dict, base_dir: Path, files_must_exist: bool = True) -> lis
             'quantization.load_in_4bit = false with method.kind = "qlora": QLoRA is LoRA on a 4-bit base; '
             'for LoRA on a 16-bit base set [method] kind = "lora"'
         )
+    if train.strategy == "fsdp" and not method.spec.uses_lora:
+        problems.append(f'train.strategy = "fsdp": sharding is planned for the LoRA methods (qlora, lora), not '
+                        f'{method.kind}; use strategy = "ddp"')
+    if train.strategy == "fsdp" and s["quantization"].quant_storage == "uint8":
+        problems.append('quantization.quant_storage = "uint8" with train.strategy = "fsdp": FSDP shards float '
+                        'parameters only, so uint8 4-bit weights would stay whole on every GPU; set quant_storage '
+                        '= "auto" (the compute dtype under FSDP)')
     if method.kind != "prompt_tuning" and method.prompt_tuning_init_text is not None:
         problems.append('method.prompt_tuning_init_text: only used with [method] kind = "prompt_tuning"')
     problems += _lora_variant_checks(s)

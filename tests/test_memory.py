@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten
 
 from qlora_lite.errors import UserError
 from qlora_lite.memory import (
-    GIB, PLAN_KEYS, analyze, budget_gib, eval_transient, fit_to_budget, layer_bytes, load_model_config,
+    GIB, PARALLEL_KEYS, PLAN_KEYS, analyze, budget_gib, eval_transient, fit_to_budget, layer_bytes, load_model_config,
     loss_head_bytes, optimizer_bytes, phases, plan_from_arch, plan_memory, precision, step_bytes, train_transient,
 )
 from qlora_lite.model import attach_lora, attach_method, count_parameters, load_model
@@ -620,10 +620,11 @@ def test_plan_json_has_the_documented_keys_and_sums(llama7b_arch):
     _, arch = llama7b_arch
     data = json.loads(json.dumps(cuda_plan(arch).to_json()))
     assert set(data) == {"components", "peak_gib", "peak_allocated_gib", "train_peak_gib", "eval_peak_gib",
-                         "trainable_params", "total_params", "budget_gib", "fits", "phase", "notes", "world_size"}
-    assert set(data["components"]) == set(PLAN_KEYS) - {"ddp_buckets"}  # one process: no DDP line
+                         "trainable_params", "total_params", "budget_gib", "fits", "phase", "notes", "world_size",
+                         "strategy"}
+    assert set(data["components"]) == set(PLAN_KEYS) - set(PARALLEL_KEYS)  # one process: no DDP or FSDP line
     (train, _), _ = phases(Recipe(name="t", model=ModelRecipe(name="x")), arch, "cuda", world=2)
-    assert set(train) == set(PLAN_KEYS)
+    assert set(train) == set(PLAN_KEYS) - {"fsdp_gathered"}
     assert sum(data["components"].values()) == pytest.approx(data["peak_gib"])
     assert data["budget_gib"] is None and data["fits"] is None
     assert data["trainable_params"] == 39_976_960  # 32 x 16 x (4 x 8192 + 3 x 15104), the known r16 figure

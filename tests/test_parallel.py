@@ -1,5 +1,6 @@
-"""More than one process (issue 16): `run --nproc 2` on the CPU (two processes, gloo) trains what one process with
-twice the gradient accumulation trains, with one set of logs and one voice; torchrun started by hand does too."""
+"""More than one GPU (issue 16). DDP: `run --nproc 2` on the CPU (two processes, gloo) trains what one process with
+twice the gradient accumulation trains, with one set of logs and one voice; torchrun started by hand does too.
+FSDP: planned per GPU (checked against a published 70B measurement), refused where it cannot shard."""
 
 from __future__ import annotations
 
@@ -178,3 +179,106 @@ def test_resume_on_another_number_of_processes_says_what_changes(two_runs):
     assert metrics_steps(runs / "one") == [1, 2, 3, 4, 5, 6]
     result = json.loads((runs / "one" / "result.json").read_text())
     assert result["processes"] == 2 and result["effective_batch"] == 16
+
+
+@pytest.fixture(scope="module")
+def llama70b_qlora_fsdp():
+    """Llama-2-70B as PEFT's FSDP+QLoRA guide trained it on 2 GPUs: micro-batch 2 x 2048 packed tokens, LoRA r 8 on
+    every linear layer, double quantization, reentrant checkpointing, bf16 (docs/source/accelerate/fsdp.md,
+    peft 0.21.2: "the GPU memory usage is 35.6 GB/GPU" without CPU offloading)."""
+    from transformers import LlamaConfig
+
+    from qlora_lite.memory import analyze
+    from qlora_lite.recipe import EvalRecipe, LoraRecipe, ModelRecipe, Recipe, TrainRecipe
+
+    config = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                         num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False)
+    train = TrainRecipe(micro_batch_size=2, gradient_accumulation_steps=2, max_length=2048, packing=True,
+                        strategy="fsdp")
+    recipe = Recipe(name="t", model=ModelRecipe(name="x"), train=train, lora=LoraRecipe(r=8, alpha=16, dropout=0.1),
+                    eval=EvalRecipe(enabled=False))
+    return recipe, analyze(recipe, config)
+
+
+def test_fsdp_plans_each_gpu_a_share_of_the_model_and_the_layers_it_gathers(llama70b_qlora_fsdp):
+    import dataclasses
+
+    from qlora_lite.memory import GIB, plan_from_arch
+
+    recipe, arch = llama70b_qlora_fsdp
+    ddp = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, strategy="ddp"))
+    one = plan_from_arch(ddp, arch, world=1)
+    two, four = plan_from_arch(recipe, arch, world=2), plan_from_arch(recipe, arch, world=4)
+    packed = sum((n + 1) // 2 for n in arch.quantized_numels) / GIB
+    constants = one.components["weights_4bit"] - packed  # quantization constants: whole on every GPU
+    assert two.components["weights_4bit"] == pytest.approx(packed / 2 + constants)
+    assert four.components["weights_4bit"] == pytest.approx(packed / 4 + constants)
+    for key in ("weights_16bit", "trainable_weights", "gradients", "optimizer"):
+        assert two.components[key] == pytest.approx(one.components[key] / 2)
+    assert two.components["activations"] == one.components["activations"]  # each GPU runs its own micro-batch
+    assert "ddp_buckets" not in two.components and two.components["fsdp_gathered"] > 0
+    assert one.peak_gib > 48 > two.peak_gib > four.peak_gib  # one 48 GiB card cannot hold it; two 40 GiB cards can
+    # PEFT's guide measured 35.6 GB per GPU for this run (two GPUs, no CPU offloading): the plan within 5%
+    assert two.peak_gib == pytest.approx(35.6, rel=0.05)
+    assert two.strategy == "fsdp" and two.world_size == 2 and any("FSDP (2 GPUs)" in n for n in two.notes)
+
+
+def test_fsdp_is_refused_where_it_cannot_shard_and_by_run_until_it_trains(tiny_llama, tiny_data, tmp_path):
+    from qlora_lite.errors import UserError
+    from qlora_lite.recipe import load_recipe
+
+    path = tmp_path / "r.toml"
+    path.write_text(recipe_text(tiny_llama, tiny_data, tmp_path / "runs", name="f"))
+    with pytest.raises(UserError) as e:
+        load_recipe(path, ["train.strategy=fsdp", "quantization.quant_storage=uint8", "method.kind=prompt_tuning"])
+    assert 'not prompt_tuning; use strategy = "ddp"' in str(e.value)
+    assert 'quant_storage = "uint8" with train.strategy = "fsdp"' in str(e.value)
+    result = qlora_lite("plan", str(path), "--nproc", "2", "--set", "train.strategy=fsdp")
+    assert result.returncode == 0 and "per GPU of 2 (FSDP)" in " ".join(result.stdout.split())
+    result = qlora_lite("run", str(path), "--set", "train.strategy=fsdp")
+    assert result.returncode == 2 and "sharded training is not built yet" in result.stderr
+    assert not (tmp_path / "runs" / "f").exists()
+
+
+def _agree(rank: int, port: int, out: str) -> None:
+    """One of two gloo processes: rank 1 alone asks to stop after a step and alone fails a stage."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from transformers import TrainerControl
+
+    from qlora_lite import dist, train
+    from qlora_lite.errors import UserError
+
+    dist.init("cpu")
+    ctrl_c = train.StopOnCtrlC(lambda event: None)
+    ctrl_c.requested = rank == 1  # Ctrl-C seen by rank 1 only
+    control = TrainerControl()
+    for callback in (ctrl_c, train.SyncStop(ctrl_c)):  # in the trainer's order: SyncStop last
+        callback.on_step_end(None, None, control)
+    said = {"stop": control.should_training_stop, "save": control.should_save, "ctrl_c": ctrl_c.requested}
+    try:
+        with dist.together():
+            if rank == 1:
+                raise UserError("data.train: a bad row")
+    except UserError as e:
+        said.update(error=str(e), code=e.exit_code, agreed=isinstance(e, dist.AgreedError))
+    dist.finish()
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(said, f)
+
+
+def test_a_stop_or_an_error_on_one_rank_reaches_every_rank(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_agree, args=(port, str(tmp_path / "said")), nprocs=2)
+    said = [json.loads((tmp_path / f"said.{r}").read_text()) for r in (0, 1)]
+    for rank in (0, 1):  # both stop after the same step with a checkpoint, and both know it was a Ctrl-C
+        assert said[rank]["stop"] and said[rank]["save"] and said[rank]["ctrl_c"]
+        assert said[rank]["code"] == 2
+    assert said[0]["error"] == "rank 1: data.train: a bad row" and said[0]["agreed"]  # rank 0 prints it
+    assert said[1]["error"] == "data.train: a bad row" and not said[1]["agreed"]  # rank 1's own, not printed twice
