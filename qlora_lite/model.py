@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_lite import dist
 from qlora_lite.errors import UserError
 from qlora_lite.lora import wrap_lora
 from qlora_lite.recipe import (
@@ -98,7 +99,7 @@ def load_model(model: ModelRecipe, quant: QuantizationRecipe, train: TrainRecipe
             bnb_4bit_quant_storage=dtype if quant.quant_storage == "compute_dtype" or (
                 quant.quant_storage == "auto" and train.strategy == "fsdp") else torch.uint8,
         )
-    kwargs["device_map"] = {"": 0} if device == "cuda" else "cpu"
+    kwargs["device_map"] = {"": dist.local_rank()} if device == "cuda" else "cpu"  # DDP: each rank its own GPU
     tokenizer = load_tokenizer(source, model.trust_remote_code, name=f"model.name = {model.name!r}")
     if conversations and not tokenizer.chat_template:
         raise UserError(f'data.format = "messages": conversations are rendered with the tokenizer\'s chat template, '
