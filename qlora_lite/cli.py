@@ -302,10 +302,10 @@ def render_gguf(result) -> None:
 def cmd_plan(args) -> int:
     """Exit 0 when the recipe fits its budget (or has none), 3 when it does not."""
     recipe = load_recipe(args.recipe, args.overrides)
-    if args.method is not None:
-        return plan_methods(recipe, parse_methods(args.method, "--method"), args.json)
     if args.nproc < 1:
         raise UserError(f"--nproc {args.nproc}: the number of processes (GPUs) is 1 or more")
+    if args.method is not None:
+        return plan_methods(recipe, parse_methods(args.method, "--method"), args.json, args.nproc)
     arch = memory.recipe_arch(recipe)  # cached: a repeated plan imports no torch
     plan = memory.plan_from_arch(recipe, arch, world=args.nproc)
     if args.json:
@@ -319,10 +319,10 @@ def cmd_plan(args) -> int:
     return 3 if plan.fits is False else 0
 
 
-def plan_methods(recipe, methods: list[str], as_json: bool) -> int:
+def plan_methods(recipe, methods: list[str], as_json: bool, world: int = 1) -> int:
     """One plan per method (one method: the usual table); exit 3 when none of them fits."""
     recipes = {kind: recipe.with_method(kind) for kind in methods}
-    plans = {kind: memory.plan_from_arch(r, memory.recipe_arch(r)) for kind, r in recipes.items()}
+    plans = {kind: memory.plan_from_arch(r, memory.recipe_arch(r), world=world) for kind, r in recipes.items()}
     if as_json:
         print(json.dumps({"methods": {k: p.to_json() for k, p in plans.items()}}, indent=2))
     elif len(plans) == 1:
@@ -334,7 +334,9 @@ def plan_methods(recipe, methods: list[str], as_json: bool) -> int:
 
 def methods_plan_table(plans: dict, name: str) -> Table:
     notes = dict.fromkeys(n for p in plans.values() for n in p.notes)  # the same model: the same notes
-    table = Table(title=f"memory plan by method: {name} (GiB, peak phase of each)", title_justify="left",
+    world = max(p.world_size for p in plans.values())
+    per_gpu = f", per GPU of {world}" if world > 1 else ""
+    table = Table(title=f"memory plan by method: {name} (GiB, peak phase of each{per_gpu})", title_justify="left",
                   caption="\n".join(f"note: {escape(n)}" for n in notes) or None, caption_justify="left")
     table.add_column("component")
     for kind in plans:

@@ -249,6 +249,7 @@ def measured_speed_key(recipe: Recipe, loaded: model_stage.LoadedModel) -> str |
     t = recipe.train
     parts = [identity, recipe.method.kind, recipe.load_in_4bit, loaded.device, str(loaded.compute_dtype),
              t.gradient_checkpointing, t.micro_batch_size, recipe.eval.batch_size, library_versions()]
+    parts += [dist.world()] if dist.world() > 1 else []  # tokens/s of all processes together
     return cache_key(parts)
 
 

@@ -118,7 +118,7 @@ def test_nproc_beyond_the_machine_is_refused_before_anything_starts(tiny_llama, 
     assert result.returncode == 2 and "--nproc 0" in result.stderr
 
 
-def test_plan_per_gpu_adds_the_ddp_buckets(tiny_llama, tiny_data, tmp_path):
+def test_plan_per_gpu_adds_the_ddp_buckets(tiny_llama, tiny_data, tmp_path, capsys):
     from qlora_lite import memory
     from qlora_lite.recipe import load_recipe
 
@@ -131,6 +131,11 @@ def test_plan_per_gpu_adds_the_ddp_buckets(tiny_llama, tiny_data, tmp_path):
     assert two.components["ddp_buckets"] == pytest.approx(4 * arch.params.trainable / 2**30)
     assert two.train_peak_gib == pytest.approx(one.train_peak_gib + two.components["ddp_buckets"] * 1.0, rel=1e-9)
     assert two.world_size == 2 and any("DDP" in n for n in two.notes)
+    from qlora_lite.cli import main
+
+    assert main(["plan", str(path), "--nproc", "2", "--method", "qlora,lora"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "per GPU of 2" in said and said.count("ddp buckets") == 1
 
 
 def test_ctrl_c_stops_every_process_at_one_step_with_a_checkpoint(tiny_llama, tiny_data, tmp_path):
