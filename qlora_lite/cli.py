@@ -548,6 +548,10 @@ class TrainingView:
                               highlight=False, soft_wrap=True)
             case events.SetUp():
                 console.print(setup_table(event))
+            case events.ShardedStop(run_dir):
+                console.print(f"[yellow]FSDP[/]: evaluation, merge and export need the model whole and are not run "
+                              f"here; where it fits one GPU: python -m qlora_lite eval {run_dir} (and merge, export)",
+                              highlight=False, soft_wrap=True)
             case events.TrainingStarted(step, max_steps):
                 self.first_step = step
                 if self.live:
@@ -654,8 +658,9 @@ def setup_table(p: events.SetUp) -> Table:
                                  f"{100 * p.packed.fill:.0f}% filled (no attention between examples)")
     if p.processes > 1:
         threads = f", {p.threads} CPU thread{'s' * (p.threads > 1)} each" if p.device == "cpu" else ""
-        table.add_row("processes", f"{p.processes} x {p.device} (DDP, {'nccl' if p.device == 'cuda' else 'gloo'})"
-                                   f"{threads}")
+        table.add_row("processes", f"{p.processes} x {p.device} ({p.strategy.upper()}"
+                                   f"{', experimental' if p.strategy == 'fsdp' else ''}, "
+                                   f"{'nccl' if p.device == 'cuda' else 'gloo'}){threads}")
     per_rank = p.effective_batch // p.processes
     batch = f"effective batch {p.effective_batch}" + (
         f" ({per_rank} per process x {p.processes} processes)" if p.processes > 1 else "")

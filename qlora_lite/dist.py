@@ -1,4 +1,5 @@
-"""More than one process (DDP): who this process is, and how the processes agree.
+"""More than one process (DDP, or FSDP2 with train.strategy = "fsdp"): who this process is, how the processes
+agree, and how FSDP shards the model (shard) and gathers the adapter back whole (full_trainable_state).
 
 torchrun (or `accelerate launch --multi_gpu`) starts one process per GPU and tells each its rank in the environment;
 `run --nproc N` starts torchrun itself (cli.py). Every rank runs the same preparation and the same training (the
@@ -249,11 +250,40 @@ def read_status(path: str) -> int | None:
 
 
 def check_replicas(model) -> dict:
-    """Every rank's trainable weights, hashed and compared: DDP keeps them identical, so a difference is a bug."""
+    """Every rank's trainable weights (whole, under FSDP), hashed and compared: a difference is a bug."""
     digest = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            digest.update(name.encode())
-            digest.update(p.detach().float().cpu().numpy().tobytes())
+    for name, p in full_trainable_state(model).items():
+        digest.update(name.encode())
+        digest.update(p.detach().float().cpu().numpy().tobytes())
     hashes = gather(digest.hexdigest())
     return {"world_size": len(hashes), "identical": len(set(hashes)) == 1}
+
+
+def shard(model) -> dict:
+    """FSDP2 (train.strategy = "fsdp"): shard every transformer block, then the rest, across the processes, each
+    keeping 1/N of every parameter (4-bit weights too, packed in a float dtype: quantization.quant_storage).
+    Returns the parameter bytes of the whole model and of each rank's shards."""
+    from torch.distributed.fsdp import fully_shard
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks = set(getattr(base, "_no_split_modules", None) or ())
+    if not blocks:
+        raise UserError(f'train.strategy = "fsdp": {type(base).__name__} does not name its transformer blocks '
+                        f'(_no_split_modules), so there is nothing to shard it by; use strategy = "ddp"')
+    whole = _local_bytes(model)
+    for module in list(model.modules()):
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+    return {"bytes_whole": whole, "bytes_per_rank": gather(_local_bytes(model))}
+
+
+def _local_bytes(model) -> int:
+    local = (getattr(p, "_local_tensor", p) for p in model.parameters())
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+def full_trainable_state(model) -> dict:
+    """The trainable weights whole, on every rank: FSDP's shards gathered (a collective: every rank calls it)."""
+    return {name: p.full_tensor() if hasattr(p, "full_tensor") else p
+            for name, p in model.named_parameters() if p.requires_grad}

@@ -66,6 +66,7 @@ class SetUp:
     mixed: tuple[MixedSource, ...] = ()  # with [[data.mix]]: the examples drawn from each source
     processes: int = 1  # DDP: processes training together (one per GPU); effective_batch counts them all
     threads: int = 1  # torch's CPU threads in each process
+    strategy: str = "ddp"  # with several processes: "ddp" or "fsdp"
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,13 @@ class ResumedOnOtherProcesses:
     now: int
     effective_batch: int  # now
     keep_batch_accumulation: int | None  # the gradient_accumulation_steps that keeps the old effective batch
+
+
+@dataclass(frozen=True)
+class ShardedStop:
+    """FSDP: the run ends once the adapter is saved; evaluation, merge and export need the model whole."""
+
+    run_dir: Path
 
 
 @dataclass(frozen=True)
@@ -193,8 +201,8 @@ class MethodRefused:
     reason: str
 
 
-Event = Union[RecipeResolved, Planned, AutoFitted, SetUp, ResumedOnOtherProcesses, TrainingStarted, StepDone,
-              StepLogged, MemorySampled,
+Event = Union[RecipeResolved, Planned, AutoFitted, SetUp, ResumedOnOtherProcesses, ShardedStop, TrainingStarted,
+              StepDone, StepLogged, MemorySampled,
               StopRequested, BudgetCrossed, Trained, Evaluating, Evaluated, Merging, Merged, MergeSkipped,
               ExportingGGUF, ExportedGGUF, GGUFSkipped,
               MethodStarted, MethodKept, MethodRefused, TensorBoardWriting]

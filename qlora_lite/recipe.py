@@ -187,7 +187,7 @@ class TrainRecipe:
     device: Literal["auto", "cuda", "cpu"] = _opt("auto", doc="auto = cuda when available")
     strategy: Literal["ddp", "fsdp"] = _opt("ddp", doc="with several GPUs (run --nproc N): ddp = each holds the "
                                                       "whole model (faster); fsdp = the model sharded across them "
-                                                      "(planned only: plan --nproc N)")
+                                                      "(FSDP2, experimental: for a model larger than one GPU)")
 
     def optimizer_on(self, device: str) -> str:
         """The optimizer this recipe trains with on `device`: auto = paged 8-bit AdamW on CUDA (optimizer state off

@@ -27,7 +27,7 @@ from qlora_lite import train as train_stage
 from qlora_lite.errors import BudgetError, Interrupted, UserError
 from qlora_lite.recipe import SECTIONS, Recipe, changed_settings
 from qlora_lite.rundir import (
-    RunDir, check_checkpoint, checkpoint_processes, interrupted_message, write_json,
+    RunDir, check_checkpoint, checkpoint_processes, checkpoint_sharded, interrupted_message, write_json,
 )
 from qlora_lite.source import (
     cache_key, library_versions, model_identity, read_cached, resolve_model_source, write_cached,
@@ -57,10 +57,9 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
     rd = RunDir(recipe.run_dir)
     # Every rank prepares (DDP: a user error on any rank stops them all, said once); rank 0 alone writes.
     with dist.together():
-        if recipe.train.strategy == "fsdp":
-            raise UserError('train.strategy = "fsdp": sharded training is not built yet, only planned (python -m '
-                            'qlora_lite plan RECIPE --nproc N); train with strategy = "ddp" (run --nproc N), '
-                            'which needs the model to fit each GPU')
+        if recipe.train.strategy == "fsdp" and dist.world() == 1:
+            raise UserError('train.strategy = "fsdp" shards the model across several processes: start them with '
+                            'run --nproc N (one per GPU), or use strategy = "ddp" on one GPU')
         check_run_dir(recipe, resume)  # refuse at once, before minutes of loading
         device = model_stage.pick_device(recipe.train)
         monitor.reset_peaks(device)  # a second run in this process (compare) measures its own peak
@@ -126,6 +125,9 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
         if mixed and eval_ds is not None:  # the main task's eval loss beside the other sources'
             source_evals = {"data": eval_ds, **source_evals}
     rows = packed.rows if packed else len(train_ds)
+    fsdp = recipe.train.strategy == "fsdp"
+    if resume and rd.last_checkpoint():
+        check_resume_strategy(rd.last_checkpoint(), fsdp)
     if resume and rd.last_checkpoint() and (before := checkpoint_processes(rd.last_checkpoint())) != dist.world():
         # weights, optimizer and schedule are the same on every rank: they load; the data order does not carry over
         accumulation = recipe.train.gradient_accumulation_steps * before
@@ -139,6 +141,7 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
         notify(events.TensorBoardWriting(rd.tensorboard))
     model_stage.attach_method(loaded, recipe)
     trainable, total = model_stage.count_parameters(loaded.model)
+    sharding = dist.shard(loaded.model) if fsdp else None  # FSDP (experimental): 1/N of the model on each GPU
     steps = train_stage.planned_steps(recipe.train, rows, dist.world())
     effective_batch = recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps * dist.world()
     probe = monitor.open_probe(loaded.device)
@@ -156,7 +159,7 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
         expected_train_s=steps * tokens_per_step / speed["train_tokens_per_s"] if speed.get("train_tokens_per_s")
         else None,
         expected_eval_s=expected_eval_seconds(recipe, len(held_out), speed) if held_out else None, mixed=mixed,
-        processes=dist.world(), threads=torch.get_num_threads(),
+        processes=dist.world(), threads=torch.get_num_threads(), strategy=recipe.train.strategy,
     ))
 
     # Train, watching memory; a crossed budget stops with a checkpoint and the adapter saved. DDP: each rank
@@ -165,7 +168,7 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
     with dist.together():
         try:
             result = train_stage.train(loaded, train_ds, eval_ds, recipe.train, rd, resume=resume, notify=notify,
-                                       callbacks=[watcher], source_evals=source_evals)
+                                       callbacks=[watcher], source_evals=source_evals, sharded=fsdp)
         finally:
             if dist.is_main():
                 monitor.write_memory_report(rd, plan, plan.budget_gib, probe.missing)
@@ -181,12 +184,17 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
             raise Interrupted(interrupted_message(recipe))
     dist.split()  # several processes: rank 0 goes on alone from here, the others wait for its exit status
     # training is complete: eval and merge may follow
-    write_result(rd, recipe, result, trainable, total, loaded.device, mixed, effective_batch)
+    write_result(rd, recipe, result, trainable, total, loaded.device, mixed, effective_batch, sharding)
     if speed_key and result.steps:
         speed = {**speed, "train_tokens_per_s": result.tokens_per_s}
         write_cached("speed", speed_key, speed)
     if result.interrupted:  # Ctrl-C during the last step
         raise Interrupted(interrupted_message(recipe))
+
+    if fsdp:  # rank 0 holds a shard of the model: evaluation and export need it whole, where it fits
+        notify(events.ShardedStop(rd.path))
+        return RunResult(rd.path, result, stats, trainable, total, plan, None, None, None,
+                         report.write_report(rd.path), time.monotonic() - started)
 
     # Base vs tuned on held-out data, then the merged export, then the report of it all.
     evaluation = None
@@ -223,7 +231,8 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
 
 
 def write_result(rd: RunDir, recipe: Recipe, result: train_stage.TrainResult, trainable: int, total: int,
-                 device: str, mixed: tuple[data_stage.MixedSource, ...] = (), effective_batch: int = 0) -> None:
+                 device: str, mixed: tuple[data_stage.MixedSource, ...] = (), effective_batch: int = 0,
+                 sharding: dict | None = None) -> None:
     """result.json: what training did, in one small file (compare and other tools read it). With [[data.mix]]:
     the examples drawn from each source and, where a source has an eval split, its eval loss after training."""
     mix = {"rows_per_source": {m.key: m.rows for m in mixed}} if mixed else {}
@@ -236,6 +245,7 @@ def write_result(rd: RunDir, recipe: Recipe, result: train_stage.TrainResult, tr
         "saved_dir": str(result.saved_dir), "seed": recipe.train.seed,
         "reproducible": train_stage.reproducibility(recipe.train, device),
         "processes": dist.world(), "effective_batch": effective_batch, "replicas": result.replicas,
+        **({"fsdp": sharding} if sharding else {}),
     })
 
 
@@ -323,6 +333,18 @@ def check_run_dir(recipe: Recipe, resume: bool) -> None:
             f"--resume: {rd} already trained {done} steps ({last.name}) and train.max_steps is "
             f"{recipe.train.max_steps}; raise train.max_steps to train further, or use eval, merge or report on it"
         )
+
+
+def check_resume_strategy(checkpoint: Path, fsdp: bool) -> None:
+    """An FSDP checkpoint holds one shard of the weights and optimizer per process: it continues under FSDP with
+    as many processes; a DDP or one-process checkpoint does not continue under FSDP."""
+    if checkpoint_sharded(checkpoint) != fsdp:
+        was = "train.strategy = \"fsdp\"" if not fsdp else "one process or DDP"
+        raise UserError(f"--resume: {checkpoint.name} was saved by {was}, and its weights and optimizer state are "
+                        f"laid out for it; resume with the strategy it was trained with")
+    if fsdp and checkpoint_processes(checkpoint) != dist.world():
+        raise UserError(f"--resume: {checkpoint.name} holds FSDP shards for {checkpoint_processes(checkpoint)} "
+                        f"processes; resume with --nproc {checkpoint_processes(checkpoint)}")
 
 
 def changed_since(recipe: Recipe, sections=FROZEN_ON_RESUME) -> list[str]:

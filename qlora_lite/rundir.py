@@ -41,6 +41,7 @@ MODEL_WEIGHTS, MODEL_INDEX = "model.safetensors", "model.safetensors.index.json"
 TRAINER_STATE, OPTIMIZER, SCHEDULER = "trainer_state.json", "optimizer.pt", "scheduler.pt"  # the Trainer's
 CHECKPOINT_STATE = (OPTIMIZER, SCHEDULER, "scaler.pt", TRAINER_STATE, "training_args.bin", "README.md")  # besides
 # the weights in a checkpoint: only --resume needs them
+FSDP_WEIGHTS, FSDP_OPTIMIZER = "pytorch_model_fsdp_0", "optimizer_0"  # an FSDP checkpoint's shards (accelerate's)
 MERGE_CHECK, MODEL_CARD = "merge_check.json", "README.md"  # in a merged export's folder
 GGUF_CHECK, MODELFILE = "gguf_check.json", "Modelfile"  # in a GGUF export's folder, with its README.md
 
@@ -376,6 +377,11 @@ def stopped_early(checkpoint: Path) -> bool:
         return False
 
 
+def checkpoint_sharded(checkpoint: Path) -> bool:
+    """Saved by FSDP: its weights and optimizer are shards, one per process."""
+    return (checkpoint / FSDP_OPTIMIZER).is_dir()
+
+
 def checkpoint_processes(checkpoint: Path) -> int:
     """How many processes trained up to a checkpoint: each DDP rank saves its random state as rng_state_<rank>.pth,
     one process as rng_state.pth."""
@@ -393,7 +399,11 @@ def check_checkpoint(checkpoint: Path) -> int:
         step = json.loads(path.read_bytes())["global_step"]
         for path in sorted(checkpoint.glob("*.json")) + sorted(checkpoint.glob("*.safetensors")):
             read_saved_file(path)
-        for path in (checkpoint / OPTIMIZER, checkpoint / SCHEDULER):
+        sharded = checkpoint_sharded(checkpoint)
+        for path in (checkpoint / FSDP_WEIGHTS / ".metadata", checkpoint / FSDP_OPTIMIZER / ".metadata") * sharded:
+            if not path.is_file():  # FSDP: shards in a folder each, found through this index
+                raise ValueError("missing: the save was cut short")
+        for path in [checkpoint / SCHEDULER] + [checkpoint / OPTIMIZER] * (not sharded):
             try:
                 torch.load(path, map_location="cpu", weights_only=True)
             except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError):  # torch's errors on a bad file

@@ -136,6 +136,9 @@ def _common_args(train: TrainRecipe, loaded: LoadedModel, checkpoints: Path, has
         # parameters, which reentrant gradient checkpointing breaks ("mark a variable ready only once",
         # accelerate#2017, peft#313); every trainable weight takes part in each forward pass anyway.
         ddp_find_unused_parameters=False,
+        # Buffers never change in training here (rotary frequencies; experts4bit's packed 4-bit experts, which every
+        # rank quantized alike): DDP would otherwise broadcast them all from rank 0 before every forward pass.
+        ddp_broadcast_buffers=False,
         ddp_backend="gloo" if loaded.device == "cpu" and dist.world() > 1 else None,
     )
 
@@ -235,14 +238,16 @@ class SyncStop(TrainerCallback):
         control.should_training_stop, control.should_save, self.ctrl_c.requested = stop, save, ctrl_c
 
 
-def build_trainer(loaded: LoadedModel, train_ds, eval_ds, train: TrainRecipe, rd: RunDir, callbacks: list):
-    """The decoder-only (SFTTrainer) or encoder-decoder (Seq2SeqTrainer) trainer for this model."""
+def build_trainer(loaded: LoadedModel, train_ds, eval_ds, train: TrainRecipe, rd: RunDir, callbacks: list,
+                  sharded: bool = False):
+    """The decoder-only (SFTTrainer) or encoder-decoder (Seq2SeqTrainer) trainer for this model; `sharded`: the
+    model was sharded by dist.shard (FSDP)."""
     common = _common_args(train, loaded, rd.checkpoints_dir, eval_ds is not None)
     if loaded.is_encoder_decoder:
         from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
         args = Seq2SeqTrainingArguments(**common)
-        return Seq2SeqTrainer(
+        trainer = Seq2SeqTrainer(
             model=loaded.model,
             args=args,
             optimizers=(loraplus_optimizer(loaded.model, train, args), None),
@@ -252,6 +257,9 @@ def build_trainer(loaded: LoadedModel, train_ds, eval_ds, train: TrainRecipe, rd
             processing_class=loaded.tokenizer,
             callbacks=callbacks,
         )
+        if sharded:
+            use_fsdp(trainer)
+        return trainer
     from trl import SFTConfig, SFTTrainer
 
     dtypes = {name: p.dtype for name, p in loaded.model.named_parameters() if p.requires_grad}
@@ -273,6 +281,8 @@ def build_trainer(loaded: LoadedModel, train_ds, eval_ds, train: TrainRecipe, rd
         processing_class=loaded.tokenizer,
         callbacks=callbacks,
     )
+    if sharded:
+        use_fsdp(trainer)
     # TRL casts the adapter of any 4-bit model to bf16, whatever the device: bf16 matmuls on CPU (~15x slower),
     # bf16 weights on fp16-only GPUs, and updates rounded to 8 bits of mantissa. Keep PEFT's fp32 adapter, the
     # dtype the LoRA path trains in and the planner counts; autocast still computes in the compute dtype.
@@ -280,6 +290,19 @@ def build_trainer(loaded: LoadedModel, train_ds, eval_ds, train: TrainRecipe, rd
         if name in dtypes and param.dtype != dtypes[name]:
             param.data = param.data.to(dtypes[name])
     return trainer
+
+
+def use_fsdp(trainer) -> None:
+    """The model is sharded already (dist.shard): tell accelerate it runs FSDP2, so it neither wraps the model in
+    DDP nor shards it again, and saves and loads sharded checkpoints. accelerate's own FSDP plugin exists only for
+    GPU-type devices and shards by itself; sharding here and flipping this one switch runs the same code on a CPU,
+    where it is tested, as on GPUs."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
+    trainer.is_fsdp_enabled = True
 
 
 def loraplus_optimizer(model, train: TrainRecipe, args):
@@ -311,13 +334,14 @@ def train(
     notify: events.Notify = events.ignore,
     callbacks: list = (),
     source_evals: dict | None = None,
+    sharded: bool = False,
 ) -> TrainResult:
     """Train, save the adapter (PEFT format) or the full model, with the tokenizer, return what happened.
     `source_evals`: eval examples by source ("data", "data.mix[1]"), each scored once training is done."""
     metrics = MetricsLog(rd.metrics, notify)
     ctrl_c = StopOnCtrlC(notify)
     trainer = build_trainer(loaded, train_ds, eval_ds, train, rd,
-                            [metrics, RateOnResume(), ctrl_c, *callbacks, SyncStop(ctrl_c)])
+                            [metrics, RateOnResume(), ctrl_c, *callbacks, SyncStop(ctrl_c)], sharded)
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the events replace it
     checkpoint = rd.last_checkpoint() if resume else None
     started = time.monotonic()
@@ -329,10 +353,12 @@ def train(
     except torch.OutOfMemoryError:
         out_of_memory = True  # handled below, once the exception's frames (and the activations they hold) are gone
     if out_of_memory:
-        last = save_after_out_of_memory(trainer, loaded, rd, saved_dir)
+        # FSDP: each rank holds a shard and the others cannot join a gather: the last periodic checkpoint it is
+        last = rd.last_checkpoint() if sharded else save_after_out_of_memory(trainer, loaded, rd, saved_dir)
         raise dist.alone(BudgetError(
-            f"CUDA out of memory during step {trainer.state.global_step + 1}; weights saved to {saved_dir}"
-            + (f" and a checkpoint to {last}" if last else " (no step had finished: nothing to resume)")
+            f"CUDA out of memory during step {trainer.state.global_step + 1}"
+            + ("" if sharded else f"; weights saved to {saved_dir}")
+            + (f"; a checkpoint in {last}" if last else " (no step had finished: nothing to resume)")
             + ". Lower train.micro_batch_size (raise gradient_accumulation_steps to keep the effective batch) "
             "or train.max_length, then " + ("continue with --resume" if last else "run again")
         ))
@@ -340,8 +366,9 @@ def train(
     eval_losses = {key: trainer.evaluate(eval_dataset=ds, metric_key_prefix="source")["source_loss"]
                    for key, ds in (source_evals or {}).items()} if not ctrl_c.requested else None
     replicas = dist.check_replicas(loaded.model) if dist.world() > 1 else None
+    whole = dist.full_trainable_state(loaded.model) if sharded else None  # FSDP: gathered by every rank
     if dist.is_main():
-        save_trained(loaded, saved_dir)
+        save_trained(loaded, saved_dir, whole)
     losses = [loss for _, loss in rd.losses()]
     tokens = trainer.state.num_input_tokens_seen - (metrics.start_tokens or 0)  # this session's (resumed: not before)
     return TrainResult(
@@ -375,6 +402,7 @@ def save_after_out_of_memory(trainer, loaded: LoadedModel, rd: RunDir, saved_dir
     return rd.last_checkpoint()
 
 
-def save_trained(loaded: LoadedModel, out_dir: Path) -> None:
-    loaded.model.save_pretrained(out_dir)
+def save_trained(loaded: LoadedModel, out_dir: Path, state: dict | None = None) -> None:
+    """`state`: the trainable weights whole (FSDP: the model holds shards), saved as the adapter in PEFT format."""
+    loaded.model.save_pretrained(out_dir, **({"state_dict": state} if state is not None else {}))
     loaded.tokenizer.save_pretrained(out_dir)

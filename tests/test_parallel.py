@@ -228,7 +228,7 @@ def test_fsdp_plans_each_gpu_a_share_of_the_model_and_the_layers_it_gathers(llam
     assert two.strategy == "fsdp" and two.world_size == 2 and any("FSDP (2 GPUs)" in n for n in two.notes)
 
 
-def test_fsdp_is_refused_where_it_cannot_shard_and_by_run_until_it_trains(tiny_llama, tiny_data, tmp_path):
+def test_fsdp_is_refused_where_it_cannot_shard_and_in_one_process(tiny_llama, tiny_data, tmp_path):
     from qlora_lite.errors import UserError
     from qlora_lite.recipe import load_recipe
 
@@ -241,7 +241,7 @@ def test_fsdp_is_refused_where_it_cannot_shard_and_by_run_until_it_trains(tiny_l
     result = qlora_lite("plan", str(path), "--nproc", "2", "--set", "train.strategy=fsdp")
     assert result.returncode == 0 and "per GPU of 2 (FSDP)" in " ".join(result.stdout.split())
     result = qlora_lite("run", str(path), "--set", "train.strategy=fsdp")
-    assert result.returncode == 2 and "sharded training is not built yet" in result.stderr
+    assert result.returncode == 2 and "shards the model across several processes: start them with" in result.stderr
     assert not (tmp_path / "runs" / "f").exists()
 
 
@@ -287,3 +287,39 @@ def test_a_stop_or_an_error_on_one_rank_reaches_every_rank(tmp_path):
         assert said[rank]["code"] == 2
     assert said[0]["error"] == "rank 1: data.train: a bad row" and said[0]["agreed"]  # rank 0 prints it
     assert said[1]["error"] == "data.train: a bad row" and not said[1]["agreed"]  # rank 1's own, not printed twice
+
+
+def test_fsdp_shards_the_4bit_model_and_trains_what_ddp_trains(two_runs):
+    """FSDP2 on two CPU processes (experimental): each holds half of the parameter bytes, 4-bit weights included
+    (packed in fp32); it trains as DDP does (losses equal to 1e-4: not bit for bit, see the note below) and saves
+    a PEFT adapter; its sharded checkpoint resumes, and only under FSDP with as many processes."""
+    recipe, runs, two, _ = two_runs
+    assert two.returncode == 0
+    fsdp = qlora_lite("run", str(recipe), "--nproc", "2", *STEPS, "--set", "name=fsdp",
+                      "--set", "train.strategy=fsdp")
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    said = " ".join(fsdp.stdout.split())
+    assert "2 x cpu (FSDP, experimental, gloo)" in said and "evaluation, merge and export need the model whole" in said
+    result = json.loads((runs / "fsdp" / "result.json").read_text())
+    shards = result["fsdp"]
+    assert len(shards["bytes_per_rank"]) == 2
+    for mine in shards["bytes_per_rank"]:
+        assert mine == pytest.approx(shards["bytes_whole"] / 2, rel=0.05)
+    assert result["replicas"] == {"world_size": 2, "identical": True}
+    a, b = adapter(runs / "fsdp"), adapter(runs / "ddp")
+    assert a.keys() == b.keys() and max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-3
+    # The same 4 steps as DDP: equal losses, but not equal weights. Raw fully_shard gives gradients bit-identical
+    # to DDP's (checked by hand); through the Trainer the first step's gradient norm already differs by 2e-4
+    # (1.06947 vs 1.06929), and Adam turns that into up to 0.012 on weights of ~0.02. Open in issue 16.
+    rows = lambda run: [json.loads(x) for x in (runs / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    losses = lambda run: [r["loss"] for r in rows(run) if "loss" in r and r.get("event") != "end"]  # noqa: E731
+    assert losses("fsdp") == pytest.approx(losses("ddp")[:4], abs=1e-4)  # (ddp may have been resumed further)
+    assert losses("fsdp")[-1] < losses("fsdp")[0]
+    ckpt = runs / "fsdp" / "checkpoints" / "checkpoint-4"
+    assert (ckpt / "pytorch_model_fsdp_0").is_dir() and (ckpt / "optimizer_0").is_dir()
+    again = qlora_lite("run", str(recipe), "--nproc", "2", "--resume", *STEPS, "--set", "name=fsdp",
+                       "--set", "train.strategy=fsdp", "--set", "train.max_steps=6")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert metrics_steps(runs / "fsdp") == [1, 2, 3, 4, 5, 6]
+    other = qlora_lite("run", str(recipe), "--resume", *STEPS, "--set", "name=fsdp", "--set", "train.max_steps=8")
+    assert other.returncode == 2 and 'saved by train.strategy = "fsdp"' in other.stderr
