@@ -33,6 +33,7 @@ from qlora_lite import data as data_stage
 from qlora_lite import fewshot, knowledge
 from qlora_lite import model as model_stage
 from qlora_lite.errors import BudgetError, UserError, error_line
+from qlora_lite.experts4bit import route_lora
 from qlora_lite.recipe import DATA_FILE_SUFFIXES, Recipe
 from qlora_lite.rundir import RunDir, read_run, write_json
 from qlora_lite.source import cache_key, file_sha256, library_versions, model_identity, read_cached, write_cached
@@ -97,6 +98,7 @@ def load_run(run_dir: str | Path) -> tuple[Recipe, model_stage.LoadedModel]:
     loaded = model_stage.load_model(recipe.model, recipe.quantization, recipe.train, recipe.method)
     loaded.tokenizer = model_stage.load_tokenizer(str(saved), recipe.model.trust_remote_code)
     loaded.model = PeftModel.from_pretrained(loaded.model, saved)
+    route_lora(loaded.model)  # LoRA on 4-bit experts: expert by expert (experts4bit)
     return recipe, loaded
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_lite.experts4bit import WEIGHTS, dequantize_experts, fused_experts, quantize_experts, route_lora
 from qlora_lite import model as model_stage
 from qlora_lite.errors import UserError
 from qlora_lite.recipe import QuantizationRecipe, Recipe
@@ -111,6 +112,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
         reference = four_bit_reference(recipe, run_dir, tokenizer)  # freed before the full-size model loads
         model = load_unquantized(recipe, torch_dtype)
         rounded = round_trip_weights(model, reference.quantized, recipe.quantization, reference.compute_dtype)
+        rounded += round_trip_experts(model, recipe.quantization, reference.compute_dtype)
         log.info("replaced %d weights by their %s round trip", rounded, recipe.quantization.quant_type)
         model = load_adapter(model, run_dir)
     else:
@@ -172,7 +174,9 @@ def load_unquantized(recipe: Recipe, dtype: torch.dtype):
 def load_adapter(model, run_dir: Path):
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, RunDir(run_dir).adapter)
+    model = PeftModel.from_pretrained(model, RunDir(run_dir).adapter)
+    route_lora(model)  # LoRA on 4-bit experts: expert by expert (experts4bit)
+    return model
 
 
 def four_bit_reference(recipe: Recipe, run_dir: Path, tokenizer) -> Reference:
@@ -230,6 +234,18 @@ def round_trip_weights(model, names: list[str], quant: QuantizationRecipe, quant
             else:
                 weight.copy_(nf4_round_trip(weight, quant, quantized_dtype))
     return len(names)
+
+
+def round_trip_experts(model, quant: QuantizationRecipe, quantized_dtype: torch.dtype) -> int:
+    """Fused MoE expert weights as training held them: cast to the dtype they were quantized from, quantized expert
+    by expert and dequantized (experts4bit), back in the model's dtype; the number of weights replaced."""
+    modules = fused_experts(model)
+    for _, module in modules:
+        for name in WEIGHTS:
+            getattr(module, name).data = getattr(module, name).data.to(quantized_dtype)
+    count = quantize_experts(model, quant.quant_type, quant.double_quant, quantized_dtype)
+    dequantize_experts(model)
+    return count
 
 
 # ---------------------------------------------------------------- the check

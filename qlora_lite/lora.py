@@ -46,6 +46,8 @@ def wrap_lora(model, lora: LoraRecipe, is_encoder_decoder: bool, source: str | N
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
+    from qlora_lite.experts4bit import route_lora
+
     targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
     if isinstance(targets, list):
         check_lora_targets(model, targets)
@@ -67,6 +69,7 @@ def wrap_lora(model, lora: LoraRecipe, is_encoder_decoder: bool, source: str | N
         if "lora_dropout" in str(e):  # Mixtral-style fused experts (3-D parameters) take no LoRA dropout
             raise UserError(f"lora.dropout: PEFT says: {e} Set lora.dropout = 0 for this model") from None
         raise UserError(f"lora.target_modules: {e}") from None
+    route_lora(model)  # LoRA on 4-bit experts (experts4bit.quantize_experts): PEFT's factors, expert by expert
     if lora.init == "loftq" and source is not None:
         loftq_init(model, source)
     return model

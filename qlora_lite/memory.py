@@ -74,7 +74,8 @@ PLAN_KEYS = ("weights_4bit", "weights_16bit", "trainable_weights", "gradients", 
 PARALLEL_KEYS = ("ddp_buckets", "fsdp_gathered")  # in a plan only with several processes
 TRANSIENT_KEYS = ("optimizer_step", "autocast_copies", "activations", "logits", "kv_cache")
 HERE = Path(__file__).parent
-SKELETON_CODE = ("memory_arch.py", "model.py", "lora.py", "methods.py")  # what analyze runs: a change re-analyzes
+# what analyze runs: a change re-analyzes
+SKELETON_CODE = ("memory_arch.py", "model.py", "lora.py", "methods.py", "experts4bit.py")
 
 
 @dataclass(frozen=True)
@@ -348,12 +349,22 @@ def layer_bytes(arch: Arch, p: Precision, recipe: Recipe, device: str, s: int, s
     norm = 4 * h + 4 + (p.stream * h if p.stream < 4 and arch.relative_bias else 0)  # T5 keeps both
     norm += 4 * h if trains_norms(arch) else 0
     total = dict(arch.block_norms)[stream] * norm + _attention_bytes(arch, p, s, 1.0, device)
-    total += arch.mlp_saved * p.linear_out * f + _trained_bytes(arch, p, recipe, stream, device)
+    total += _mlp_bytes(arch, p) + _trained_bytes(arch, p, recipe, stream, device)
     total += drop * 2 * h + act_drop * f
     if stream == "dec" and arch.is_encoder_decoder:  # cross-attention: attention, k/v inputs, dropout
         total += _attention_bytes(arch, p, s_enc, s_enc / s, device) + drop * h
         total += _trained_bytes(arch, p, recipe, "cross", device) * s_enc / s
     return total
+
+
+def _mlp_bytes(arch: Arch, p: Precision) -> float:
+    """Per token, what the MLP saves for backward. 4-bit experts (experts4bit's loop, in the compute dtype), for each
+    of the top-k experts a token runs: the gate/up output with its LoRA (2f), the activation and the gated product
+    (f each), the input and the down output (h each); checked against tools/sim_cuda.py's Mixtral rows."""
+    top_k, f = arch.expert_mlp
+    if top_k:
+        return top_k * p.compute * (4 * f + 2 * arch.hidden)
+    return arch.mlp_saved * p.linear_out * arch.intermediate
 
 
 def sequence_lengths(arch: Arch, recipe: Recipe) -> tuple[int, int]:
@@ -385,7 +396,8 @@ def train_transient(arch: Arch, p: Precision, recipe: Recipe, device: str) -> di
         final_norm = 4 * h + 4 + (4 * h if trains_norms(arch) else 0) + (2 * p.mask * h if arch.dropout else 0)
         saved += b * s * final_norm
         recomputed = per_token if checkpointing else 0
-        block = max(block, b * s * (recomputed + 8 * h + 2 * p.linear_out * f))
+        mlp_width = arch.expert_mlp[0] * arch.expert_mlp[1] or f  # 4-bit experts: the top-k experts' widths
+        block = max(block, b * s * (recomputed + 8 * h + 2 * p.linear_out * mlp_width))
     block += _dequantized(arch, p, device) + (4 + (c if c < 4 else 0)) * arch.largest_linear + _dora_bytes(arch, p)
     if full and arch.is_encoder_decoder:  # the LM head's input; in fp32 the encoder output every cross-attention reads
         saved += b * s_dec * c * h + (b * s_enc * 4 * h if c == 4 else 0)
@@ -498,12 +510,20 @@ def plan_notes(arch: Arch) -> tuple[str, ...]:
     if arch.model_type not in CHECKED_FAMILIES:
         notes.append(f"{arch.model_type} is not among the families the planner was checked on: its activation "
                      f"figures are an estimate")
-    if arch.experts:
+    if arch.expert_mlp[0]:
+        notes.append(f"mixture of experts ({arch.experts} experts, {arch.expert_mlp[0]} per token): activations "
+                     f"are planned for each token's experts, which a batch routed very unevenly can exceed")
+    elif arch.experts:
         notes.append(f"mixture of experts ({arch.experts} experts): routing is not modelled; activations are "
                      f"planned as if every token ran one dense MLP")
-    if arch.fused_expert_params and METHODS[arch.method].uses_lora and not arch.fused_experts_adapted:
-        notes.append(f"PEFT puts no LoRA on its fused experts ({arch.fused_expert_params / 1e6:.1f}M weights): they "
-                     f"stay frozen, only its linear layers train")
+    fused = arch.fused_expert_params + arch.experts_4bit  # 16-bit or 4-bit (experts4bit)
+    if fused and METHODS[arch.method].uses_lora and not arch.fused_experts_adapted:
+        notes.append(f"PEFT puts no LoRA on its fused experts ({fused / 1e6:.1f}M weights): they stay frozen, only "
+                     f"its linear layers train")
+    if arch.experts_4bit:
+        notes.append(f"its experts are quantized after loading (experts4bit): while the model loads they are on the "
+                     f"device in 16-bit, {2 * arch.experts_4bit / GIB:.2f} GiB, before shrinking to 4-bit; that load "
+                     f"peak is not in the figures above")
     if arch.fused_expert_params and arch.quantized_numels:
         notes.append(f"its experts are fused 3-D tensors, which bitsandbytes does not quantize: "
                      f"{2 * arch.fused_expert_params / GIB:.2f} GiB of them stay in 16-bit (in weights_16bit)")

@@ -33,6 +33,8 @@ class Arch:
     experts: int  # mixture-of-experts layers' experts (0: a dense model)
     fused_expert_params: int  # experts stored as 3-D tensors (transformers 5): bitsandbytes leaves them 16-bit
     fused_experts_adapted: bool  # PEFT put LoRA on them (it does for Mixtral under all-linear, not for Qwen2-MoE)
+    experts_4bit: int  # fused expert weights model.load_model quantizes expert by expert (experts4bit)
+    expert_mlp: tuple[int, int]  # with them: (experts each token runs, an expert's intermediate width), else (0, 0)
     params: ParamCount
     quantized_numels: tuple[int, ...]  # weights of the 4-bit linear layers
     norm_params: int  # 1-D norm weights, upcast to fp32 by model.py (frozen bases)
@@ -95,6 +97,7 @@ def analyze(recipe: Recipe, config) -> Arch:
             raise UserError(f"model.name = {recipe.model.name!r}: transformers cannot build a "
                             f"{config.model_type} model from its config.json ({type(e).__name__}: {e})") from None
         quantized = _quantized_weights(model) if recipe.load_in_4bit else {}
+        experts = _quantized_experts(model) if recipe.load_in_4bit else {}  # fused MoE weights, 4-bit per expert
         base = dict(model.named_parameters())  # tied weights appear once
         blocks = _first_blocks(model)
         head = None if enc_dec else model.get_output_embeddings()  # TRL's fused head casts it tile by tile
@@ -112,6 +115,7 @@ def analyze(recipe: Recipe, config) -> Arch:
     casts = _cast_params(wrapped, trainable, head)
     block_casts = [_cast_params(block, trainable, head) for block in blocks.values()]
     q_numels = tuple(base[n].numel() for n in quantized)
+    q_numels += tuple(out * inp for e, out, inp in experts.values() for _ in range(e))
     norm = sum(p.numel() for n, p in base.items() if p.ndim == 1 and "norm" in n.lower() and n not in quantized)
     base_count = sum(p.numel() for p in base.values())
     trained = sum(p.numel() for p in trainable.values())
@@ -119,8 +123,11 @@ def analyze(recipe: Recipe, config) -> Arch:
     adapter = trained if recipe.has_adapter else 0
     return Arch(
         method=recipe.method.kind, model_type=config.model_type, experts=_experts(config),
-        fused_expert_params=sum(p.numel() for n, p in base.items() if p.ndim >= 3 and n not in quantized),
+        fused_expert_params=sum(p.numel() for n, p in base.items() if p.ndim >= 3 and n not in experts),
         fused_experts_adapted=any(type(m).__name__ == "ParamWrapper" for m in wrapped.modules()),
+        experts_4bit=sum(math.prod(shape) for shape in experts.values()),
+        expert_mlp=(_top_k(config), max(shape[2] for name, shape in experts.items() if name.endswith("down_proj")))
+        if experts else (0, 0),
         params=ParamCount(trained, base_count - sum(q_numels) + packed + adapter, base_count),
         quantized_numels=q_numels, norm_params=norm, other_params=base_count - sum(q_numels) - norm,
         trainable_shapes=tuple(tuple(p.shape) for p in trainable.values()),
@@ -166,6 +173,19 @@ def _stack_lengths(model, blocks: dict) -> list[int]:
     """Blocks in each stack: the length of the list holding each first block."""
     modules = dict(model.named_modules())
     return [len(modules[name.rsplit(".", 1)[0]]) for name in blocks]
+
+
+def _quantized_experts(model) -> dict[str, tuple[int, int, int]]:
+    """Fused expert weights model.load_model quantizes expert by expert (experts4bit): name -> (experts, out, in).
+    A family it cannot quantize is refused here as there, so plan and run say the same."""
+    from qlora_lite.experts4bit import WEIGHTS, fused_experts
+
+    return {f"{name}.{w}": tuple(getattr(module, w).shape) for name, module in fused_experts(model) for w in WEIGHTS}
+
+
+def _top_k(config) -> int:
+    return next((getattr(config, k) for k in ("num_experts_per_tok", "top_k_experts", "moe_k", "top_k")
+                 if isinstance(getattr(config, k, None), int)), 1)
 
 
 def _experts(config) -> int:

@@ -21,6 +21,7 @@ import torch
 
 from qlora_lite import dist
 from qlora_lite.errors import UserError
+from qlora_lite.experts4bit import quantize_experts
 from qlora_lite.lora import wrap_lora
 from qlora_lite.recipe import (
     LoraRecipe, MethodRecipe, ModelRecipe, PromptRecipe, QuantizationRecipe, Recipe, TrainRecipe, placeholders,
@@ -113,6 +114,8 @@ def load_model(model: ModelRecipe, quant: QuantizationRecipe, train: TrainRecipe
         base = auto.from_pretrained(source, **kwargs)
     except OSError as e:  # a folder with config.json but no (or a partial) set of weight files
         raise UserError(f"model.name = {model.name!r}: cannot load its weights ({str(e).splitlines()[0]})") from None
+    if "quantization_config" in kwargs:  # fused MoE experts, which bitsandbytes leaves 16-bit: 4-bit too
+        quantize_experts(base, quant.quant_type, quant.double_quant, dtype)
     return LoadedModel(base, tokenizer, is_encoder_decoder, device, dtype, source)
 
 

@@ -23,44 +23,15 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # published_configs
 
 from qlora_lite.memory import GIB, analyze, phases  # noqa: E402
 from qlora_lite.recipe import (  # noqa: E402
     EvalRecipe, LoraRecipe, MethodRecipe, ModelRecipe, QuantizationRecipe, Recipe, TrainRecipe,
 )
 
-# config.json values of each model (from their model cards; no hub here). Llama-1 7B (the QLoRA paper's) has
-# Llama-2-7B's shapes.
-CONFIGS = {
-    "llama-2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False,
-                       max_position_embeddings=4096, rms_norm_eps=1e-5),
-    "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
-                       max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0),
-    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False,
-                       max_position_embeddings=32768, rms_norm_eps=1e-5, sliding_window=None),
-    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
-                       max_position_embeddings=32768, rms_norm_eps=1e-6),
-    "mistral-7b-v0.3": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                            num_attention_heads=32, num_key_value_heads=8, vocab_size=32768,
-                            tie_word_embeddings=False, max_position_embeddings=32768, rms_norm_eps=1e-5,
-                            sliding_window=None),
-    "llama-1b-synthetic": dict(model_type="llama", hidden_size=2048, intermediate_size=4096, num_hidden_layers=24,
-                               num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
-                               tie_word_embeddings=False),  # LlamaConfig() with these sizes (fsdp_qlora notebook)
-    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
-                         max_position_embeddings=8192, rms_norm_eps=1e-5),
-    "flan-t5-base": dict(model_type="t5", d_model=768, d_ff=2048, d_kv=64, num_layers=12, num_decoder_layers=12,
-                         num_heads=12, vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                         dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
-    "flan-t5-large": dict(model_type="t5", d_model=1024, d_ff=2816, d_kv=64, num_layers=24, num_decoder_layers=24,
-                          num_heads=16, vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                          dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
-}
+from published_configs import CONFIGS  # noqa: E402
+
 SMOKE = {  # --smoke: the --gpu code path on CPU in seconds
     "tiny-llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False),
