@@ -577,7 +577,7 @@ def _cross_checks(s: dict, base_dir: Path, files_must_exist: bool = True) -> lis
             'for LoRA on a 16-bit base set [method] kind = "lora"'
         )
     if train.strategy == "fsdp" and not method.spec.uses_lora:
-        problems.append(f'train.strategy = "fsdp": sharding is planned for the LoRA methods (qlora, lora), not '
+        problems.append(f'train.strategy = "fsdp": qlora_lite shards the LoRA methods (qlora, lora), not '
                         f'{method.kind}; use strategy = "ddp"')
     if train.strategy == "fsdp" and s["quantization"].quant_storage == "uint8":
         problems.append('quantization.quant_storage = "uint8" with train.strategy = "fsdp": FSDP shards float '
