@@ -302,8 +302,7 @@ def render_gguf(result) -> None:
 def cmd_plan(args) -> int:
     """Exit 0 when the recipe fits its budget (or has none), 3 when it does not."""
     recipe = load_recipe(args.recipe, args.overrides)
-    if args.nproc < 1:
-        raise UserError(f"--nproc {args.nproc}: the number of processes (GPUs) is 1 or more")
+    check_nproc(args.nproc)
     if args.method is not None:
         return plan_methods(recipe, parse_methods(args.method, "--method"), args.json, args.nproc)
     arch = memory.recipe_arch(recipe)  # cached: a repeated plan imports no torch
@@ -404,8 +403,7 @@ def plan_table(plan, name: str) -> Table:
 
 def cmd_run(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: a recipe error answers at once
-    if args.nproc is not None and args.nproc < 1:
-        raise UserError(f"--nproc {args.nproc}: the number of processes (GPUs) is 1 or more")
+    check_nproc(args.nproc)
     if args.nproc and args.nproc > 1 and not dist.launched():
         return launch(args.nproc, args.argv, recipe)
     if dist.launched():
@@ -432,6 +430,11 @@ def cmd_run(args) -> int:
     )
     exported = [r.check for r in (result.merged, result.gguf) if r is not None]
     return 0 if all(check.passed for check in exported) else 4
+
+
+def check_nproc(nproc: int | None) -> None:
+    if nproc is not None and nproc < 1:
+        raise UserError(f"--nproc {nproc}: the number of processes (GPUs) is 1 or more")
 
 
 def launch(nproc: int, argv: list[str], recipe) -> int:

@@ -107,17 +107,15 @@ def finish() -> None:
     _control = None
 
 
-def _gather(obj) -> list:
+def gather(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank (one process: [obj])."""
+    if _control is None:
+        return [obj]
     import torch.distributed as dist
 
     out = [None] * world()
     dist.all_gather_object(out, obj, group=_control)
     return out
-
-
-def gather(obj) -> list:
-    """Every rank's `obj`, in rank order, on every rank (one process: [obj])."""
-    return _gather(obj) if _control is not None else [obj]
 
 
 @contextlib.contextmanager
@@ -135,7 +133,7 @@ def together():
             raise
         error = e
         outcome = (str(e), e.exit_code, isinstance(e, AgreedError))
-    outcomes = _gather(outcome)
+    outcomes = gather(outcome)
     failed = [(r, o) for r, o in enumerate(outcomes) if o is not None and not o[2]] or \
              [(r, o) for r, o in enumerate(outcomes) if o is not None]
     if not failed:
@@ -249,10 +247,10 @@ def read_status(path: str) -> int | None:
         return None
 
 
-def check_replicas(model) -> dict:
-    """Every rank's trainable weights (whole, under FSDP), hashed and compared: a difference is a bug."""
+def check_replicas(trained: dict) -> dict:
+    """Every rank's trained weights (full_trainable_state), hashed and compared: a difference is a bug."""
     digest = hashlib.sha256()
-    for name, p in full_trainable_state(model).items():
+    for name, p in trained.items():
         digest.update(name.encode())
         digest.update(p.detach().float().cpu().numpy().tobytes())
     hashes = gather(digest.hexdigest())

@@ -214,9 +214,9 @@ def memory_report(plan, samples: list[dict], budget_gib: float | None, missing: 
 def per_rank_peaks(samples: list[dict]) -> dict[int, float | None]:
     """DDP: each rank's peak as its budget counts it (its GPU; on a CPU, its RSS)."""
     ranks = sorted({s["rank"] for s in samples if "rank" in s})
-    figure = lambda s: footprint_gib(s) if footprint_gib(s) is not None else s.get("rss_gib")  # noqa: E731
-    return {r: max((f for s in samples if s.get("rank") == r and (f := figure(s)) is not None), default=None)
-            for r in ranks}
+    figures = [(s["rank"], next((f for f in (footprint_gib(s), s.get("rss_gib")) if f is not None), None))
+               for s in samples if "rank" in s]
+    return {r: max((f for rank, f in figures if rank == r and f is not None), default=None) for r in ranks}
 
 
 def write_memory_report(rd: RunDir, plan, budget_gib: float | None, missing: list[str]) -> dict:

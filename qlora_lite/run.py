@@ -126,14 +126,14 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
             source_evals = {"data": eval_ds, **source_evals}
     rows = packed.rows if packed else len(train_ds)
     fsdp = recipe.train.strategy == "fsdp"
-    if resume and rd.last_checkpoint():
-        check_resume_strategy(rd.last_checkpoint(), fsdp)
-    if resume and rd.last_checkpoint() and (before := checkpoint_processes(rd.last_checkpoint())) != dist.world():
+    effective_batch = recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps * dist.world()
+    last = rd.last_checkpoint() if resume else None
+    if last and (before := checkpoint_processes(last)) != dist.world():
         # weights, optimizer and schedule are the same on every rank: they load; the data order does not carry over
         accumulation = recipe.train.gradient_accumulation_steps * before
         notify(events.ResumedOnOtherProcesses(
-            before, dist.world(), recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps
-            * dist.world(), accumulation // dist.world() if accumulation % dist.world() == 0 else None))
+            before, dist.world(), effective_batch,
+            accumulation // dist.world() if accumulation % dist.world() == 0 else None))
     if dist.is_main():
         create_run_dir(rd, recipe, loaded.device)
     if "tensorboard" in recipe.train.report_to and dist.is_main():
@@ -143,7 +143,6 @@ def run(recipe: Recipe, *, resume: bool = False, notify: events.Notify = events.
     trainable, total = model_stage.count_parameters(loaded.model)
     sharding = dist.shard(loaded.model) if fsdp else None  # FSDP (experimental): 1/N of the model on each GPU
     steps = train_stage.planned_steps(recipe.train, rows, dist.world())
-    effective_batch = recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps * dist.world()
     probe = monitor.open_probe(loaded.device)
     leaked = data_stage.rows_also_in(held_out, splits["train"], recipe.data) if held_out else 0
     tokens_per_step = tokens_total / rows * effective_batch
@@ -326,6 +325,7 @@ def check_run_dir(recipe: Recipe, resume: bool) -> None:
             f"continues the same model, data and adapter. Use a new name to start over"
         )
     done = check_checkpoint(last)
+    check_resume_strategy(last, recipe.train.strategy == "fsdp")
     if dist.is_main():
         rd.keep_logged_steps(done)  # steps after the checkpoint are trained again: logged again
     if recipe.train.max_steps is not None and done >= recipe.train.max_steps:

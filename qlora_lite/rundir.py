@@ -400,10 +400,13 @@ def check_checkpoint(checkpoint: Path) -> int:
         for path in sorted(checkpoint.glob("*.json")) + sorted(checkpoint.glob("*.safetensors")):
             read_saved_file(path)
         sharded = checkpoint_sharded(checkpoint)
-        for path in (checkpoint / FSDP_WEIGHTS / ".metadata", checkpoint / FSDP_OPTIMIZER / ".metadata") * sharded:
-            if not path.is_file():  # FSDP: shards in a folder each, found through this index
+        indexes = [checkpoint / FSDP_WEIGHTS / ".metadata", checkpoint / FSDP_OPTIMIZER / ".metadata"] if sharded \
+            else []  # FSDP: weights and optimizer are shards in a folder each, found through its index
+        for path in indexes:
+            if not path.is_file():
                 raise ValueError("missing: the save was cut short")
-        for path in [checkpoint / SCHEDULER] + [checkpoint / OPTIMIZER] * (not sharded):
+        states = [checkpoint / SCHEDULER] if sharded else [checkpoint / OPTIMIZER, checkpoint / SCHEDULER]
+        for path in states:
             try:
                 torch.load(path, map_location="cpu", weights_only=True)
             except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError):  # torch's errors on a bad file

@@ -238,16 +238,14 @@ class SyncStop(TrainerCallback):
         control.should_training_stop, control.should_save, self.ctrl_c.requested = stop, save, ctrl_c
 
 
-def build_trainer(loaded: LoadedModel, train_ds, eval_ds, train: TrainRecipe, rd: RunDir, callbacks: list,
-                  sharded: bool = False):
-    """The decoder-only (SFTTrainer) or encoder-decoder (Seq2SeqTrainer) trainer for this model; `sharded`: the
-    model was sharded by dist.shard (FSDP)."""
+def build_trainer(loaded: LoadedModel, train_ds, eval_ds, train: TrainRecipe, rd: RunDir, callbacks: list):
+    """The decoder-only (SFTTrainer) or encoder-decoder (Seq2SeqTrainer) trainer for this model."""
     common = _common_args(train, loaded, rd.checkpoints_dir, eval_ds is not None)
     if loaded.is_encoder_decoder:
         from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
         args = Seq2SeqTrainingArguments(**common)
-        trainer = Seq2SeqTrainer(
+        return Seq2SeqTrainer(
             model=loaded.model,
             args=args,
             optimizers=(loraplus_optimizer(loaded.model, train, args), None),
@@ -257,9 +255,6 @@ def build_trainer(loaded: LoadedModel, train_ds, eval_ds, train: TrainRecipe, rd
             processing_class=loaded.tokenizer,
             callbacks=callbacks,
         )
-        if sharded:
-            use_fsdp(trainer)
-        return trainer
     from trl import SFTConfig, SFTTrainer
 
     dtypes = {name: p.dtype for name, p in loaded.model.named_parameters() if p.requires_grad}
@@ -281,8 +276,6 @@ def build_trainer(loaded: LoadedModel, train_ds, eval_ds, train: TrainRecipe, rd
         processing_class=loaded.tokenizer,
         callbacks=callbacks,
     )
-    if sharded:
-        use_fsdp(trainer)
     # TRL casts the adapter of any 4-bit model to bf16, whatever the device: bf16 matmuls on CPU (~15x slower),
     # bf16 weights on fp16-only GPUs, and updates rounded to 8 bits of mantissa. Keep PEFT's fp32 adapter, the
     # dtype the LoRA path trains in and the planner counts; autocast still computes in the compute dtype.
@@ -341,7 +334,9 @@ def train(
     metrics = MetricsLog(rd.metrics, notify)
     ctrl_c = StopOnCtrlC(notify)
     trainer = build_trainer(loaded, train_ds, eval_ds, train, rd,
-                            [metrics, RateOnResume(), ctrl_c, *callbacks, SyncStop(ctrl_c)], sharded)
+                            [metrics, RateOnResume(), ctrl_c, *callbacks, SyncStop(ctrl_c)])
+    if sharded:  # the model was sharded by dist.shard (FSDP)
+        use_fsdp(trainer)
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the events replace it
     checkpoint = rd.last_checkpoint() if resume else None
     started = time.monotonic()
@@ -365,10 +360,11 @@ def train(
     seconds = time.monotonic() - started
     eval_losses = {key: trainer.evaluate(eval_dataset=ds, metric_key_prefix="source")["source_loss"]
                    for key, ds in (source_evals or {}).items()} if not ctrl_c.requested else None
-    replicas = dist.check_replicas(loaded.model) if dist.world() > 1 else None
-    whole = dist.full_trainable_state(loaded.model) if sharded else None  # FSDP: gathered by every rank
+    # the trained weights whole (FSDP: gathered by every rank), compared across the ranks
+    trained = dist.full_trainable_state(loaded.model) if dist.world() > 1 else None
+    replicas = dist.check_replicas(trained) if trained is not None else None
     if dist.is_main():
-        save_trained(loaded, saved_dir, whole)
+        save_trained(loaded, saved_dir, trained if sharded else None)
     losses = [loss for _, loss in rd.losses()]
     tokens = trainer.state.num_input_tokens_seen - (metrics.start_tokens or 0)  # this session's (resumed: not before)
     return TrainResult(

@@ -137,13 +137,16 @@ def tiny_t5(tmp_path_factory) -> Path:
     return out
 
 
+def write_splits(out: Path, rows, sizes: tuple[int, int, int]) -> Path:
+    """train, validation and test .jsonl files in `out` of rows(n, seed=1, 2, 3) with n from `sizes`."""
+    for split, n, seed in zip(("train", "validation", "test"), sizes, (1, 2, 3)):
+        write_jsonl(out / f"{split}.jsonl", rows(n, seed=seed))
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-data")
-    write_jsonl(out / "train.jsonl", make_rows(64, seed=1))
-    write_jsonl(out / "validation.jsonl", make_rows(8, seed=2))
-    write_jsonl(out / "test.jsonl", make_rows(8, seed=3))
-    return out
+    return write_splits(tmp_path_factory.mktemp("tiny-data"), make_rows, (64, 8, 8))
 
 
 def recipe_text(model_dir: Path, data_dir: Path, out_dir: Path, name: str = "t", **extra: str) -> str:

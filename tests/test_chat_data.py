@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import chatml_tokenizer, make_rows, recipe_text, write_jsonl
+from conftest import chatml_tokenizer, make_rows, recipe_text, write_jsonl, write_splits
 from qlora_lite import data as data_stage
 from qlora_lite.cli import main
 from qlora_lite.data import IGNORE_INDEX, build_examples, encode_prompt, load_splits
@@ -48,11 +48,7 @@ def tiny_chat(tmp_path_factory, tokenizer) -> Path:
 
 @pytest.fixture(scope="module")
 def chat_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("chat-data")
-    write_jsonl(out / "train.jsonl", conversations(48, seed=1))
-    write_jsonl(out / "validation.jsonl", conversations(8, seed=2))
-    write_jsonl(out / "test.jsonl", conversations(6, seed=3))
-    return out
+    return write_splits(tmp_path_factory.mktemp("chat-data"), conversations, (48, 8, 6))
 
 
 def learned_text(tokenizer, ids, labels) -> list[str]:
