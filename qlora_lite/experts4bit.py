@@ -18,6 +18,7 @@ scaling * (x A_e^T) B_e^T to each expert's output, instead of letting PEFT add t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import types
 
@@ -134,18 +135,68 @@ def quantize_experts(model, quant_type: str, double_quant: bool, compute_dtype: 
     dense model). Call right after a 4-bit `from_pretrained`. Unsupported experts raise UserError first."""
     modules = fused_experts(model)
     for _, module in modules:
-        for name in WEIGHTS:
-            weight = getattr(module, name)
-            setattr(module, f"{name}_4bit", Packed4bit(weight, quant_type, double_quant, compute_dtype))
-            # PEFT's target_parameters finds, sizes and types LoRA from this parameter: same shape, dtype and device,
-            # but one element of storage (stride 0). Its values are never read: the forward uses the 4-bit copy.
-            delattr(module, name)
-            placeholder = torch.zeros((), dtype=compute_dtype, device=weight.device).expand(weight.shape)
-            module.register_parameter(name, nn.Parameter(placeholder, requires_grad=False))
-            del weight
-        module.forward = types.MethodType(_experts_forward, module)
-        module._qlora_lite_hook = module._register_state_dict_hook(_state_dict_hook)
+        _attach(module, _pack(module, quant_type, double_quant, compute_dtype))
     return len(modules) * len(WEIGHTS)
+
+
+def _pack(module: nn.Module, quant_type: str, double_quant: bool, compute_dtype: torch.dtype) -> dict:
+    """Each fused weight of `module` in 4 bits, {name: Packed4bit}; the 16-bit weights are dropped."""
+    packs = {}
+    for name in WEIGHTS:
+        weight = getattr(module, name)
+        packs[name] = Packed4bit(weight, quant_type, double_quant, compute_dtype)
+        # PEFT's target_parameters finds, sizes and types LoRA from this parameter: same shape, dtype and device,
+        # but one element of storage (stride 0). Its values are never read: the forward uses the 4-bit copy.
+        delattr(module, name)
+        placeholder = torch.zeros((), dtype=compute_dtype, device=weight.device).expand(weight.shape)
+        module.register_parameter(name, nn.Parameter(placeholder, requires_grad=False))
+        getattr(module, name)._is_hf_initialized = True  # transformers' loader must not initialize it
+        del weight
+    return packs
+
+
+def _attach(module: nn.Module, packs: dict) -> None:
+    for name, packed in packs.items():
+        setattr(module, f"{name}_4bit", packed)
+    module.forward = types.MethodType(_experts_forward, module)
+    module._qlora_lite_hook = module._register_state_dict_hook(_state_dict_hook)
+
+
+@contextlib.contextmanager
+def quantized_as_loaded(quant_type: str, double_quant: bool, compute_dtype: torch.dtype):
+    """Inside a 4-bit `from_pretrained`: quantize each experts module as soon as both of its weights are loaded, so
+    loading holds one layer's 16-bit experts on the device, not the whole model's (Qwen3-30B-A3B: 1.1 GiB instead
+    of 54 GiB, which no 24 GB card holds). Tied to transformers 5's loader: it sets each loaded parameter through
+    core_model_loading.set_param_for_module, one at a time in this thread when it quantizes on the fly, and ends by
+    replacing every non-persistent buffer (as Packed4bit.packed) with an empty one: the packed weights join their
+    modules once it is done. Whatever this misses (another loader), quantize_experts after the load still
+    quantizes, holding everything first."""
+    from transformers import core_model_loading
+
+    original = core_model_loading.set_param_for_module
+    loaded: dict[str, set[str]] = {}  # experts module path -> its weights the loader has set (the others may hold
+    # the skeleton's uninitialized values, which are not on the meta device when it loads to the CPU)
+    pending: dict[nn.Module, dict] = {}  # experts module -> its packed weights, attached after the load
+
+    def set_then_quantize(model, target_name, *args, **kwargs):
+        original(model, target_name, *args, **kwargs)
+        path, _, name = target_name.rpartition(".")
+        if name not in WEIGHTS:
+            return
+        loaded.setdefault(path, set()).add(name)
+        module = model.get_submodule(path)
+        fused = [n for n, p in module.named_parameters(recurse=False) if p.ndim >= 3]
+        if (loaded[path] == set(WEIGHTS) and module not in pending and hasattr(module, "has_gate")
+                and not _unsupported(module, fused)):
+            pending[module] = _pack(module, quant_type, double_quant, compute_dtype)
+
+    core_model_loading.set_param_for_module = set_then_quantize
+    try:
+        yield
+        for module, packs in pending.items():
+            _attach(module, packs)
+    finally:
+        core_model_loading.set_param_for_module = original
 
 
 def _state_dict_hook(module, state_dict, prefix, local_metadata):

@@ -168,7 +168,8 @@ def load_unquantized(recipe: Recipe, dtype: torch.dtype):
     source = resolve_model_source(recipe.model)
     config = AutoConfig.from_pretrained(source, trust_remote_code=recipe.model.trust_remote_code)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    return auto.from_pretrained(source, dtype=dtype, device_map="cpu", trust_remote_code=recipe.model.trust_remote_code)
+    return auto.from_pretrained(source, dtype=dtype, device_map="cpu", trust_remote_code=recipe.model.trust_remote_code,
+                                use_kernels=False)  # as model.load_model loads it
 
 
 def load_adapter(model, run_dir: Path):

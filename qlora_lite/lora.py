@@ -52,6 +52,8 @@ def wrap_lora(model, lora: LoraRecipe, is_encoder_decoder: bool, source: str | N
     if isinstance(targets, list):
         check_lora_targets(model, targets)
     config = LoraConfig(
+        target_parameters=experts_peft_leaves_out(model) if targets == "all-linear" else None,
+        exclude_modules=linear_routers(model) if targets == "all-linear" else None,
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -73,6 +75,37 @@ def wrap_lora(model, lora: LoraRecipe, is_encoder_decoder: bool, source: str | N
     if lora.init == "loftq" and source is not None:
         loftq_init(model, source)
     return model
+
+
+def experts_peft_leaves_out(model) -> list[str] | None:
+    """The fused expert weights of a model whose experts PEFT does not itself add to "all-linear" (it maps only the
+    families whose transformers 4 experts were linear layers: Mixtral, Qwen3-MoE, OLMoE, ...; not Qwen2-MoE or
+    Gemma-4 in PEFT 0.21), so that all-linear means the experts too in every family experts4bit runs. None when
+    there are none, or PEFT adds them."""
+    from qlora_lite.experts4bit import WEIGHTS
+
+    try:  # private, hence guarded: without it, PEFT's own mapping is assumed to cover nothing
+        from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN as mapped
+    except ImportError:
+        mapped = {}
+    if getattr(getattr(model, "config", None), "model_type", None) in mapped:
+        return None
+    leaves = sorted({f"{name.rpartition('.')[2]}.{w}" for name, module in model.named_modules()
+                     if hasattr(module, "has_gate") for w in WEIGHTS
+                     if getattr(getattr(module, w, None), "ndim", 0) == 3})
+    return leaves or None
+
+
+def linear_routers(model) -> list[str] | None:
+    """Routers that are nn.Linear subclasses with a forward of their own (PhiMoE's and Llama 4's, which return a
+    tuple): all-linear would wrap them and PEFT's LoRA fails adding to a tuple. Other subclasses (Falcon's
+    FalconLinear) return a tensor and are adapted."""
+    import torch
+
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and "Router" in type(module).__name__
+             and type(module).forward is not torch.nn.Linear.forward]
+    return names or None
 
 
 def loftq_init(model, source: str) -> None:

@@ -24,12 +24,14 @@ tensor by tensor in tests/test_memory.py:
 Training peaks at the end of the forward, in the backward (of the loss head or of one block), or in the optimizer
 step (`optimizer_step`: torch's foreach AdamW makes fp32 temporaries as large as the weights). Assumed: gradients
 stay allocated from one micro-batch to the next (gradient accumulation); evaluation runs after the trainer's
-gradients and optimizer state are freed. Heuristic (no GPU to calibrate on yet): the CUDA context (0.5 GiB) and
-the allocator reserve (10% of transient memory); tools/bench_memory.py compares the plan with published figures
-and, with --gpu, measures both. Architectures: shapes, layer counts, norms per block and dropout rates are read from
-the skeleton and the config, so any family transformers builds gets a plan; CHECKED_FAMILIES are those checked
-against real steps, and the plan's `notes` say when a model is outside them. Not modelled: MoE routing (noted),
-Gemma-style norms that cast back to bf16, packed batches.
+gradients and optimizer state are freed. Measured on one GPU (tools/bench_memory.py --gpu: H200, torch 2.11 +
+CUDA 13, Mistral-7B at 4 x 512 and 1 x 4096 tokens): the CUDA context with cuBLAS workspaces and loaded kernels,
+0.87 GiB (planned 0.875; other GPUs and drivers differ by a few hundred MiB), and the allocator reserve (10% of
+transient memory: the planned reserved peak +0.3% and +1.2% over torch's). Architectures: shapes, layer counts,
+norms per block and dropout rates are read from the skeleton and the config, so any family transformers builds gets
+a plan; CHECKED_FAMILIES are those checked against real steps, and the plan's `notes` say when a model is outside
+them. Not modelled: MoE routing (noted), Gemma-style norms that cast back to bf16, packed batches. Planned for the
+worst batch: padded (the float mask sdpa makes, k and v repeated to every head), which a batch of full rows skips.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ GPU_CARDS: dict[str, float] = {
     "l4-24gb": 24.0, "l40s-48gb": 48.0, "a100-40gb": 40.0, "a100-80gb": 80.0, "h100-80gb": 80.0,
 }
 FP16_ONLY_CARDS = frozenset({"rtx-2060-6gb", "rtx-2080-ti-11gb", "t4-16gb", "v100-16gb", "v100-32gb"})
-CUDA_CONTEXT_GIB = 0.5  # driver + cuBLAS/cuDNN handles: 0.3-2 GiB by driver and GPU; 0.5 is typical for torch 2.x
+CUDA_CONTEXT_GIB = 0.875  # context, cuBLAS workspaces, kernels: 0.87 GiB measured (H200, CUDA 13); varies by GPU
 RESERVE_FRACTION = 0.10  # caching-allocator slack per byte of transient memory (heuristic, see _finish)
 TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768  # trl/kernels/chunked_logprob.py: its buffer, whatever the vocab
 BNB_MIN_8BIT_NUMEL, BNB_PAGED_MIN_NUMEL = 4096, 100_000  # bitsandbytes/optim/optimizer.py
@@ -521,9 +523,10 @@ def plan_notes(arch: Arch) -> tuple[str, ...]:
         notes.append(f"PEFT puts no LoRA on its fused experts ({fused / 1e6:.1f}M weights): they stay frozen, only "
                      f"its linear layers train")
     if arch.experts_4bit:
-        notes.append(f"its experts are quantized after loading (experts4bit): while the model loads they are on the "
-                     f"device in 16-bit, {2 * arch.experts_4bit / GIB:.2f} GiB, before shrinking to 4-bit; that load "
-                     f"peak is not in the figures above")
+        layer = 2 * 3 * arch.experts * arch.expert_mlp[1] * arch.hidden  # gate_up (2f x h) + down (h x f), 16-bit
+        notes.append(f"its experts are quantized as they load (experts4bit): one layer's in 16-bit, "
+                     f"{layer / GIB:.2f} GiB, is on the device at a time while the model loads (not all "
+                     f"{2 * arch.experts_4bit / GIB:.1f} GiB of them); that load peak is not in the figures above")
     if arch.fused_expert_params and arch.quantized_numels:
         notes.append(f"its experts are fused 3-D tensors, which bitsandbytes does not quantize: "
                      f"{2 * arch.fused_expert_params / GIB:.2f} GiB of them stay in 16-bit (in weights_16bit)")

@@ -21,7 +21,7 @@ import torch
 
 from qlora_lite import dist
 from qlora_lite.errors import UserError
-from qlora_lite.experts4bit import quantize_experts
+from qlora_lite.experts4bit import quantize_experts, quantized_as_loaded
 from qlora_lite.lora import wrap_lora
 from qlora_lite.recipe import (
     LoraRecipe, MethodRecipe, ModelRecipe, PromptRecipe, QuantizationRecipe, Recipe, TrainRecipe, placeholders,
@@ -101,6 +101,9 @@ def load_model(model: ModelRecipe, quant: QuantizationRecipe, train: TrainRecipe
                 quant.quant_storage == "auto" and train.strategy == "fsdp") else torch.uint8,
         )
     kwargs["device_map"] = {"": dist.local_rank()} if device == "cuda" else "cpu"  # DDP: each rank its own GPU
+    # transformers >= 5.2x swaps layers for kernels downloaded from the Hub by default (and fails without the
+    # `kernels` package): the eager layers are what the plan counts, what CPU runs compute, and need no network
+    kwargs["use_kernels"] = False
     tokenizer = load_tokenizer(source, model.trust_remote_code, name=f"model.name = {model.name!r}")
     if conversations and not tokenizer.chat_template:
         raise UserError(f'data.format = "messages": conversations are rendered with the tokenizer\'s chat template, '
@@ -110,11 +113,13 @@ def load_model(model: ModelRecipe, quant: QuantizationRecipe, train: TrainRecipe
         raise UserError(f"prompt.chat_template = true, but the tokenizer of {model.name} has no chat template; "
                         f"set prompt.chat_template = false (prompt.template is then the whole prompt)")
     auto = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
-    try:
-        base = auto.from_pretrained(source, **kwargs)
+    four_bit = "quantization_config" in kwargs
+    try:  # 4-bit: fused MoE experts quantized as they load (one layer's 16-bit experts on the device at a time)
+        with quantized_as_loaded(quant.quant_type, quant.double_quant, dtype) if four_bit else contextlib.nullcontext():
+            base = auto.from_pretrained(source, **kwargs)
     except OSError as e:  # a folder with config.json but no (or a partial) set of weight files
         raise UserError(f"model.name = {model.name!r}: cannot load its weights ({str(e).splitlines()[0]})") from None
-    if "quantization_config" in kwargs:  # fused MoE experts, which bitsandbytes leaves 16-bit: 4-bit too
+    if four_bit:  # fused MoE experts, which bitsandbytes leaves 16-bit: 4-bit too (checks, and any not yet done)
         quantize_experts(base, quant.quant_type, quant.double_quant, dtype)
     return LoadedModel(base, tokenizer, is_encoder_decoder, device, dtype, source)
 

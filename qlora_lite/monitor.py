@@ -111,7 +111,7 @@ def _nvml(handle) -> dict:
 def footprint_gib(row: dict) -> float | None:
     """This process's GPU memory, as the budget counts it: NVML's per-process figure, else the allocator's peak
     reserve plus the CUDA context the plan counts (containers often hide per-process figures, and the reserve
-    alone leaves out the context's ~0.5 GiB, which the device and the budget include)."""
+    alone leaves out the context's ~0.9 GiB, which the device and the budget include)."""
     if "process_used_gib" in row:
         return row["process_used_gib"]
     reserved = row.get("cuda_peak_reserved_gib")

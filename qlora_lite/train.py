@@ -257,7 +257,7 @@ def build_trainer(loaded: LoadedModel, train_ds, eval_ds, train: TrainRecipe, rd
         )
     from trl import SFTConfig, SFTTrainer
 
-    dtypes = {name: p.dtype for name, p in loaded.model.named_parameters() if p.requires_grad}
+    adapter = {name: p.data for name, p in loaded.model.named_parameters() if p.requires_grad}  # PEFT's own tensors
     # Examples arrive tokenized with labels; TRL must not re-tokenize, truncate or re-mask them.
     args = SFTConfig(**common, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, packing=False)
     collator = None  # TRL's: pads each batch to its longest example
@@ -278,10 +278,12 @@ def build_trainer(loaded: LoadedModel, train_ds, eval_ds, train: TrainRecipe, rd
     )
     # TRL casts the adapter of any 4-bit model to bf16, whatever the device: bf16 matmuls on CPU (~15x slower),
     # bf16 weights on fp16-only GPUs, and updates rounded to 8 bits of mantissa. Keep PEFT's fp32 adapter, the
-    # dtype the LoRA path trains in and the planner counts; autocast still computes in the compute dtype.
+    # dtype the LoRA path trains in and the planner counts; autocast still computes in the compute dtype. Put back
+    # PEFT's own tensors, not a cast of TRL's: fp32 -> bf16 -> fp32 would round the initial weights to bf16 (and
+    # under FSDP2 the cast changes only the DTensor's dtype, not its shard, so FSDP would train other weights).
     for name, param in loaded.model.named_parameters():
-        if name in dtypes and param.dtype != dtypes[name]:
-            param.data = param.data.to(dtypes[name])
+        if name in adapter and param.dtype != adapter[name].dtype:
+            param.data = adapter[name]
     return trainer
 
 

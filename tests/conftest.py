@@ -103,6 +103,20 @@ def save_llama(out: Path, tokenizer, **sizes) -> Path:
     return out
 
 
+def save_mixtral(out: Path, tokenizer, **sizes) -> Path:
+    """A random-weight Mixtral of these sizes (fused experts, 2 per token) with `tokenizer`, saved (seed 0)."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, num_experts_per_tok=2,
+                           **sizes)
+    torch.manual_seed(0)
+    MixtralForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> Path:
     """GPT-2: Conv1D layers (weights stored transposed) and learned positions."""

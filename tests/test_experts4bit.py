@@ -134,6 +134,39 @@ def test_experts_are_stored_in_4bit_and_compute_the_round_tripped_model(saved, f
     assert (logits_4bit - logits_16bit).norm() < limit * logits_16bit.norm()
 
 
+@pytest.mark.parametrize("family", [*FAMILIES, *OTHER_FAMILIES])
+def test_experts_are_quantized_as_they_load_one_layer_of_16bit_at_a_time(saved, family, monkeypatch):
+    """model.load_model loads under quantized_as_loaded: each experts module is quantized as soon as both of its
+    weights are in, so loading never holds more than one layer's 16-bit experts (without it, every layer's: for
+    Qwen3-30B-A3B 54 GiB on the GPU before any was quantized), and the model is the one quantized after loading."""
+    from transformers import core_model_loading
+
+    from qlora_lite.experts4bit import quantized_as_loaded
+
+    set_param = core_model_loading.set_param_for_module
+    held = []  # after each parameter the loader sets: how many experts modules hold 16-bit weights
+
+    def counting(model, *args, **kwargs):
+        set_param(model, *args, **kwargs)
+        held.append(sum(any(p.ndim == 3 and p.stride(0) != 0 and p.device.type != "meta"
+                            for n, p in m.named_parameters(recurse=False) if n in WEIGHTS) for m in model.modules()))
+
+    monkeypatch.setattr(core_model_loading, "set_param_for_module", counting)
+    reference = load_4bit(saved(family))
+    layers = len(fused_experts(reference))  # of the 2 (Ernie-4.5's first is dense)
+    assert max(held) == layers  # a plain load holds them all
+    held.clear()
+    with quantized_as_loaded("nf4", True, torch.float32):
+        model = load_4bit(saved(family))
+    assert max(held) == 1
+    assert core_model_loading.set_param_for_module is counting  # put back as it was
+    assert fused_experts(model) == [] and len([m for m in model.modules() if hasattr(m, "gate_up_proj_4bit")]) == layers
+    assert quantize_experts(model, "nf4", True, torch.float32) == 0  # what load_model calls next: nothing left
+    quantize_experts(reference, "nf4", True, torch.float32)
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, reference(IDS).logits)
+
+
 def test_one_expert_at_a_time_in_forward_and_backward(saved, monkeypatch):
     """Every multiply sees one expert's packed bytes; the backward dequantizes one expert's 2-D weight per call."""
     import bitsandbytes as bnb
@@ -232,21 +265,24 @@ def test_an_adapter_attached_without_route_lora_fails_loudly_instead_of_being_ig
         model(IDS)
 
 
-def test_the_projects_wrap_lora_routes_all_linear_mixtral_experts_through_the_4bit_loop(saved):
-    """lora.wrap_lora as training calls it (freeze_base, reentrant checkpointing, all-linear): PEFT adapts Mixtral's
-    fused experts under all-linear, and their wrappers run the 4-bit loop."""
+@pytest.mark.parametrize("family", [*FAMILIES, *OTHER_FAMILIES])
+def test_the_projects_wrap_lora_routes_all_linear_experts_through_the_4bit_loop(saved, family):
+    """lora.wrap_lora as training calls it (freeze_base, reentrant checkpointing, all-linear): all-linear adapts the
+    fused experts in every family (PEFT adds them itself for Mixtral, Qwen3-MoE, OLMoE...; wrap_lora names them
+    for Qwen2-MoE, Gemma-4 and the others), and their wrappers run the 4-bit loop."""
     from qlora_lite.experts4bit import _lora_forward
     from qlora_lite.lora import wrap_lora
     from qlora_lite.model import freeze_base
     from qlora_lite.recipe import LoraRecipe, TrainRecipe
 
     torch.manual_seed(0)
-    model = load_4bit(saved("mixtral"))
+    model = load_4bit(saved(family))
+    layers = len(fused_experts(model))
     quantize_experts(model, "nf4", True, torch.float32)
     freeze_base(model, TrainRecipe(max_steps=1))
     model = wrap_lora(model, LoraRecipe(r=4, dropout=0.0), is_encoder_decoder=False)
     routed = [m for m in model.modules() if getattr(m.forward, "__func__", None) is _lora_forward]
-    assert len(routed) == 2 * LAYERS  # the two nested ParamWrappers (gate_up_proj, down_proj) of each layer
+    assert len(routed) == 2 * layers  # the two nested ParamWrappers (gate_up_proj, down_proj) of each layer
     model.train()
     experts_lora = {n: p for n, p in model.named_parameters() if "experts" in n and p.requires_grad}
     model(IDS, labels=IDS).loss.backward()

@@ -525,12 +525,17 @@ def test_plan_notes_an_unchecked_family_and_experts():
     moe = plan_memory(recipe, AutoConfig.for_model("mixtral", num_local_experts=4, **small))
     assert any("mixtral is not among" in n for n in moe.notes) and any("4 experts" in n for n in moe.notes)
     fused = 2 * 4 * (2 * 128 * 64 + 64 * 128)  # layers x experts x (gate_up + down): 4-bit expert by expert
-    assert any(f"on the device in 16-bit, {2 * fused / GIB:.2f} GiB, before shrinking" in n for n in moe.notes)
+    layer = 4 * (2 * 128 * 64 + 64 * 128) * 2  # experts x (gate_up + down) in 16-bit: loading holds one layer's
+    assert any(f"one layer's in 16-bit, {layer / GIB:.2f} GiB, is on the device at a time while the model loads "
+               f"(not all {2 * fused / GIB:.1f} GiB" in n for n in moe.notes)
     assert not any("stay in 16-bit" in n for n in moe.notes)
     assert moe.components["weights_16bit"] * GIB < 2 * fused <= 4 * moe.components["weights_4bit"] * GIB
     assert not any("no LoRA on its fused experts" in n for n in moe.notes)  # PEFT adapts Mixtral's under all-linear
-    qwen = plan_memory(recipe, AutoConfig.for_model("qwen2_moe", num_experts=4, moe_intermediate_size=128, **small))
-    assert any("PEFT puts no LoRA on its fused experts" in n for n in qwen.notes)  # trained attention alone, unsaid
+    qwen2_moe = AutoConfig.for_model("qwen2_moe", num_experts=4, moe_intermediate_size=128, **small)
+    qwen = plan_memory(recipe, qwen2_moe)  # PEFT leaves its experts out of all-linear; wrap_lora names them
+    assert not any("no LoRA on its fused experts" in n for n in qwen.notes)
+    attention = dataclasses.replace(recipe, lora=LoraRecipe(dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    assert any("PEFT puts no LoRA on its fused experts" in n for n in plan_memory(attention, qwen2_moe).notes)
     assert plan_memory(recipe, AutoConfig.for_model("llama", **small)).notes == ()
 
 

@@ -6,27 +6,18 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from conftest import corpus, recipe_text, train_tokenizer
+from conftest import corpus, recipe_text, save_mixtral, train_tokenizer
 from qlora_lite.cli import main
 
 
 @pytest.fixture(scope="module")
 def tiny_mixtral(tmp_path_factory):
-    from transformers import MixtralConfig, MixtralForCausalLM
-
     tokenizer = train_tokenizer(corpus(), bos=True, specials=["<unk>", "<s>", "</s>"])
-    config = MixtralConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                           eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, hidden_size=64,
-                           intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512)
-    out = tmp_path_factory.mktemp("tiny-mixtral")
-    torch.manual_seed(0)
-    MixtralForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_mixtral(tmp_path_factory.mktemp("tiny-mixtral"), tokenizer, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                        max_position_embeddings=512)
 
 
 def test_a_moe_model_trains_qlora_on_4bit_experts_merges_and_resumes(tiny_mixtral, tiny_data, tmp_path, capsys):

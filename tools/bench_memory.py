@@ -3,13 +3,16 @@
     python tools/bench_memory.py [--json]             # no GPU: planner vs cited figures, error in %
     python tools/bench_memory.py --gpu [--json]       # CUDA: a grid of real steps, one fresh process each
         [--models smollm2-135m,flan-t5-base] [--methods qlora,lora,full,prompt_tuning] [--grid quick|full]
+        [--points 512x4,4096x1]       # instead of the grid: max_length x micro-batch, r16, checkpointing
     python tools/bench_memory.py --gpu --smoke        # the --gpu code path on CPU with a tiny model (no numbers)
 
 Each --gpu point builds the model from a config dict below with random weights (same memory as real ones), loads
 it with qlora_lite.model for the point's method (load_model, attach_method), runs 3 optimizer steps of 2
 accumulated micro-batches as the trainers do (TRL's fused LM head for decoder-only, the model's own loss for T5,
 bf16 autocast, the Trainer's optimizer) on a padded batch of max_length tokens, then a batched greedy generate();
-it reports torch.cuda.max_memory_allocated/reserved.
+it reports torch.cuda.max_memory_allocated/reserved, and what the device holds beyond the allocator's reserve after
+training (NVML's used memory less its reading before the process touched CUDA: the CUDA context, cuBLAS workspaces
+and kernels), the figure the plan counts as cuda_context.
 """
 
 from __future__ import annotations
@@ -206,10 +209,20 @@ def point_recipe(point: dict, device: str) -> Recipe:
                       method={"kind": point.get("method", "qlora")})
 
 
-def run_gpu(models: list[str], methods: list[str], size: str, smoke: bool) -> list[dict]:
+def chosen_points(models: list[str], methods: list[str], points: str) -> list[dict]:
+    """--points 512x4,4096x1: each max_length x micro-batch at the recipe's defaults (r16, checkpointing)."""
+    sizes = [tuple(int(n) for n in p.split("x")) for p in points.split(",")]
+    return [{"model": m, "method": k, "max_length": s, "micro_batch_size": b, "r": 16, "gradient_checkpointing": True}
+            for m in models for k in methods for s, b in sizes]
+
+
+def run_gpu(models: list[str], methods: list[str], size: str, smoke: bool, points: str | None = None) -> list[dict]:
     rows, cache = [], Path(tempfile.mkdtemp(prefix="bench-memory-"))
-    points = [{"model": m, "method": k, "max_length": 64, "micro_batch_size": 2, "r": 8, "gradient_checkpointing": ckpt}
-              for m in SMOKE for k in methods for ckpt in (True, False)] if smoke else grid(models, methods, size)
+    if smoke:
+        points = [{"model": m, "method": k, "max_length": 64, "micro_batch_size": 2, "r": 8,
+                   "gradient_checkpointing": ckpt} for m in SMOKE for k in methods for ckpt in (True, False)]
+    else:
+        points = chosen_points(models, methods, points) if points else grid(models, methods, size)
     for point in points:
         rows.append(measure_point(point, cache, "cpu" if smoke else "cuda"))
         # One JSON line per point on stderr as it finishes: a run cut off by a time limit keeps what it measured.
@@ -232,7 +245,8 @@ def measure_point(point: dict, cache: Path, device: str) -> dict:
     predicted = {"train_alloc": plan["train_allocated"], "train_reserved": plan["train_allocated"] + reserve,
                  "eval_alloc": plan["eval_allocated"] - base_copy,
                  "eval_reserved": plan["eval_allocated"] - base_copy + plan["eval"]["allocator_reserve"]}
-    row = {**point, "load_reserved_meas": round(measured["load_reserved"], 3)}
+    row = {**point, "load_reserved_meas": round(measured["load_reserved"], 3),
+           "context_pred": plan["train"]["cuda_context"], "context_meas": measured.get("context")}
     for key, value in predicted.items():
         row[f"{key}_pred"], row[f"{key}_meas"] = round(value, 3), round(measured[key], 3)
         row[f"{key}_err_pct"] = round(100 * (value - measured[key]) / measured[key], 1) if measured[key] else None
@@ -247,7 +261,10 @@ def worker(job: dict) -> dict:
 
     device = job["device"]
     recipe = point_recipe(job, device)
+    before = device_used() if device == "cuda" else None  # in a fresh process: no CUDA context yet
     folder = save_random_model(job["model"], Path(job["cache"]), device)
+    if device == "cuda":  # the first point made the random model on the GPU: not part of loading it
+        torch.cuda.reset_peak_memory_stats()
     recipe = dataclasses.replace(recipe, model=ModelRecipe(name=str(folder)))
     loaded = load_model(recipe.model, recipe.quantization, recipe.train, recipe.method)
     model = attach_method(loaded, recipe).train()
@@ -266,6 +283,9 @@ def worker(job: dict) -> dict:
         optimizer.step()
         model.zero_grad(set_to_none=True)
     result = peaks("train", device)
+    after = device_used() if before is not None else None
+    if after is not None:
+        result["context"] = round(after - before - torch.cuda.memory_reserved() / GIB, 3)
     del optimizer, loss, batch
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -278,6 +298,18 @@ def worker(job: dict) -> dict:
                        max_new_tokens=recipe.eval.max_new_tokens, min_new_tokens=recipe.eval.max_new_tokens,
                        pad_token_id=0)
     return {**loading, **result, **peaks("eval", device)}
+
+
+def device_used() -> float | None:
+    """NVML's used memory of GPU 0 in GiB (None without NVML). Read before this process creates its CUDA context,
+    it is what other processes hold; the bench runs alone."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used / GIB
+    except Exception:  # no NVML (pynvml.NVMLError_LibraryNotFound, ...): the row says nothing of the context
+        return None
 
 
 def peaks(phase: str, device: str) -> dict:
@@ -368,16 +400,17 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="smollm2-135m,flan-t5-base", help=f"for --gpu, among {', '.join(CONFIGS)}")
     ap.add_argument("--methods", default="qlora", help="for --gpu, among qlora, lora, full, prompt_tuning")
     ap.add_argument("--grid", choices=("quick", "full"), default="quick")
+    ap.add_argument("--points", help="for --gpu, instead of the grid: max_length x micro-batch, e.g. 512x4,4096x1")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     if args.gpu:
-        rows = run_gpu(args.models.split(","), args.methods.split(","), args.grid, args.smoke)
+        rows = run_gpu(args.models.split(","), args.methods.split(","), args.grid, args.smoke, args.points)
         columns = ["model", "method", "max_length", "micro_batch_size", "r", "gradient_checkpointing"] + [
             f"{k}_{s}" for k in ("train_alloc", "train_reserved", "eval_alloc", "eval_reserved")
-            for s in ("pred", "meas", "err_pct")] + ["load_reserved_meas", "error"]
+            for s in ("pred", "meas", "err_pct")] + ["load_reserved_meas", "context_pred", "context_meas", "error"]
         print(json.dumps(rows, indent=1)) if args.json else print_table(rows, columns)
         return 0
     published, defaults, methods = published_rows(), default_rows(), method_rows()

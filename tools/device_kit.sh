@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYVER=${PYVER:-3.12}
-PKGS="transformers peft trl bitsandbytes datasets dill multiprocess rouge-score nltk gguf"
+PKGS="transformers accelerate huggingface-hub httpx2 httpcore2 truststore idna click regex kernels tomlkit peft trl bitsandbytes datasets dill multiprocess rouge-score nltk gguf"
 PINS=$(python3 -c 'import sys, importlib.metadata as m; print(*(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' $PKGS)
 rm -rf .device && mkdir -p .device/site
 # --no-deps: everything else they import is in the image. multiprocess has one wheel per Python, bitsandbytes per OS.

@@ -1,5 +1,6 @@
 """What only a CUDA GPU can show: a QLoRA run in bf16 with paged 8-bit AdamW, the memory plan against the peak
-measured by torch and NVML, NVML's own readings, and a budget crossed by real readings. Skipped without CUDA.
+measured by torch and NVML (a dense model and a mixture of experts with 4-bit experts), NVML's own readings, and a
+budget crossed by real readings. Skipped without CUDA.
 
 Run on a lent GPU machine with `python -m pytest -q -m gpu` (about a minute). These tests reach qlora_lite only
 through its public surface: recipes, `run`, the memory plan, the monitor, `load_model` and memory_report.json.
@@ -12,7 +13,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_rows, recipe_text, save_llama, write_jsonl
+from conftest import make_rows, recipe_text, save_llama, save_mixtral, write_jsonl
 from qlora_lite import model as model_stage
 from qlora_lite import monitor
 from qlora_lite.errors import BudgetError
@@ -46,11 +47,14 @@ def mid_llama(tmp_path_factory, tiny_llama):
 
 @pytest.fixture(scope="module")
 def long_data(tmp_path_factory):
-    """Dialogues far longer than train.max_length: every example is cut to exactly max_length tokens, the length
-    the plan is made for (it plans for the longest batch the recipe allows, not for the average one)."""
+    """Every other dialogue far longer than train.max_length (cut to exactly max_length tokens), the others short:
+    a batch is max_length long and padded, the batch the plan is made for (padding makes sdpa keep a float mask and
+    k, v repeated to every head: measured on an H200, the plan's 10.7% over a batch of full rows is 4 x 40 MiB of
+    that). Shuffled batches of 8 from 16 long and 16 short rows are all-long once in 800."""
     out = tmp_path_factory.mktemp("long-data")
     for split, n, seed in (("train", 32, 1), ("validation", 4, 2), ("test", 4, 3)):
-        rows = [dict(row, dialogue="\n".join([row["dialogue"]] * 100)) for row in make_rows(n, seed)]
+        rows = [dict(row, dialogue="\n".join([row["dialogue"]] * (100 if i % 2 == 0 else 1)))
+                for i, row in enumerate(make_rows(n, seed))]
         write_jsonl(out / f"{split}.jsonl", rows)
     return out
 
@@ -121,12 +125,12 @@ def test_plan_predicts_the_measured_peak(tmp_path, mid_llama, long_data):
     The planner counts every tensor of the step (checked tensor by tensor on CPU, and 1-6% above a simulated
     CUDA step of the same stack at 7B scale); what it leaves out is CUDA's own and fixed, the cuBLAS and cuBLASLt
     workspaces (tens of MiB on Hopper), under 3% of this recipe's planned 2.5 GiB. The recipe makes
-    activations, the figure the plan models, most of that peak (no checkpointing, 8 x 1024 tokens), and the data
-    fills max_length, the length the plan is made for.
+    activations, the figure the plan models, most of that peak (no checkpointing, 8 x 1024 tokens), and the
+    batches are max_length long and padded, the batch the plan is made for (long_data).
 
     The device (NVML) figure adds the CUDA context and what the allocator keeps cached. The plan counts the context
-    as 0.5 GiB; with torch, bitsandbytes and Triton loaded on a current driver it is nearer 0.5-1 GiB (0.3 to 2 GiB
-    across setups): ±10% plus 0.5 GiB.
+    as 0.875 GiB, measured on an H200 (tools/bench_memory.py --gpu: 0.87 GiB with cuBLAS workspaces and kernels
+    loaded); other GPUs and drivers differ by a few hundred MiB: ±10% plus 0.5 GiB.
     """
     recipe = gpu_recipe(tmp_path, mid_llama, long_data, "train.max_length=1024", "train.micro_batch_size=8",
                         "train.gradient_checkpointing=false", "train.max_steps=3")
@@ -144,6 +148,57 @@ def test_plan_predicts_the_measured_peak(tmp_path, mid_llama, long_data):
     if device is None:
         pytest.skip(f"allocated peak within 10%; NVML gave no device figure here ({report['missing']})")
     assert abs(plan.peak_gib - device) <= 0.10 * device + 0.5, report
+
+
+@pytest.fixture(scope="module")
+def mid_mixtral(tmp_path_factory, tiny_llama):
+    """A Mixtral as wide as mid_llama, 8 experts of which 2 run per token, 4 blocks: 220M parameters, 200M of them
+    in the fused experts that qlora_lite quantizes expert by expert."""
+    from transformers import AutoTokenizer
+
+    return save_mixtral(tmp_path_factory.mktemp("mid-mixtral"), AutoTokenizer.from_pretrained(tiny_llama),
+                        hidden_size=1024, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=16,
+                        num_key_value_heads=4, num_local_experts=8, max_position_embeddings=2048)
+
+
+def test_moe_trains_on_4bit_experts_on_the_gpu_as_planned(tmp_path, mid_mixtral, long_data, monkeypatch):
+    """Mixtral's fused experts stored 4-bit on the GPU and run through bitsandbytes' CUDA kernels in bf16 with LoRA
+    on them: the loss falls, the experts' adapters move, and the plan's allocated peak (4-bit experts, the top-k
+    experts' activations per token) is within 10% of torch's."""
+    from safetensors.torch import load_file
+
+    loaded_models = []
+    load_model = model_stage.load_model
+
+    def load_and_keep(*args, **kwargs):
+        loaded = load_model(*args, **kwargs)
+        loaded_models.append(loaded.model)
+        return loaded
+
+    monkeypatch.setattr(model_stage, "load_model", load_and_keep)
+    recipe = gpu_recipe(tmp_path, mid_mixtral, long_data, "quantization.compute_dtype=bf16", "train.max_length=1024",
+                        "train.micro_batch_size=8", "train.gradient_checkpointing=false", "train.max_steps=8",
+                        name="moe")
+    plan = plan_from_arch(recipe, recipe_arch(recipe), "cuda")
+    assert not any("stay in 16-bit" in n for n in plan.notes)
+    result = run(recipe)
+    measured = torch.cuda.max_memory_allocated() / GIB
+
+    [base] = loaded_models
+    experts = [m for m in base.modules() if hasattr(m, "gate_up_proj_4bit")]
+    assert len(experts) == 4
+    assert {b.device.type for e in experts for b in e.buffers()} == {"cuda"}
+    numel = sum(e.gate_up_proj.numel() + e.down_proj.numel() for e in experts)
+    stored = sum(b.numel() * b.element_size() for e in experts for b in e.buffers())
+    assert 0.5 * numel <= stored <= 0.6 * numel  # half a byte a weight, plus constants
+
+    t = result.train
+    assert t.steps == 8 and t.last_loss < t.first_loss, (t.first_loss, t.last_loss)
+    adapter = load_file(result.run_dir / "adapter" / "adapter_model.safetensors")
+    expert_b = [v for k, v in adapter.items() if "experts" in k and "lora_B" in k]
+    assert expert_b and all(v.abs().max() > 0 for v in expert_b)  # B starts at zero: they trained
+    report = json.loads((result.run_dir / "memory_report.json").read_text())
+    assert plan.peak_allocated_gib == pytest.approx(measured, rel=0.10), report
 
 
 def test_nvml_readings_follow_an_allocation_on_this_gpu():
