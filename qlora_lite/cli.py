@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -128,6 +129,10 @@ def command(args) -> int:
             args.alone = True
             dist.write_status(e.exit_code)
         return e.exit_code
+    except RuntimeError:  # gloo's "connection closed by peer", NCCL's DistBackendError: another rank left
+        if dist.reported() is None:  # no rank said why: a bug, with its traceback
+            raise
+        return dist.reported()  # that rank said why, once; torchrun ends this process if it is still waiting
     except KeyboardInterrupt:  # run and compare say what was kept (Interrupted); a merge may have written part
         partial = args.command == "merge" and os.path.exists(args.out)
         hint = f": {args.out} may hold part of the export; merge again with --force" if partial else ""
@@ -466,9 +471,13 @@ def launch(nproc: int, argv: list[str], recipe) -> int:
         env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")  # after a Ctrl-C: time to finish a step and save
         if not any(a.startswith("--debug") for a in argv):
             env.setdefault("LOGLEVEL", "ERROR")  # torchrun's own notices
+        if sys.stderr.isatty():  # the processes' stderr reaches the terminal through relay_stderr's pipe
+            env.setdefault("FORCE_COLOR", "1")
         child = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                   f"--nproc_per_node={nproc}", "-m", "qlora_lite", *without_nproc(argv)], env=env,
-                                 start_new_session=True)
+                                 start_new_session=True, stderr=subprocess.PIPE, text=True, errors="replace")
+        relay = threading.Thread(target=relay_stderr, args=(child.stderr, status), daemon=True)
+        relay.start()
         stop = lambda signum, frame: child.send_signal(signal.SIGTERM)  # noqa: E731 (torchrun ends its processes)
         previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
         try:
@@ -481,11 +490,29 @@ def launch(nproc: int, argv: list[str], recipe) -> int:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+        relay.join()
+        child.stderr.close()
         code = dist.read_status(status)
     if code is None and rc:
         err_console.print(f"[bold red]error:[/] the {nproc} training processes failed (torchrun exit {rc}); "
                           f"see above", highlight=False, soft_wrap=True)
     return rc if code is None else code
+
+
+TORCHRUN_LOG = re.compile(r"[EWI]\d{4} \d\d:\d\d:\d\d")  # its log lines (glog style), e.g. "E1204 15:56:58.017"
+
+
+def relay_stderr(stream, status: str) -> None:
+    """torchrun's stderr (its own and the processes') to ours, less torchrun's own account of a failure that a
+    rank has already explained in one message (its status file exists): the log lines and the ChildFailedError
+    report that name the exit codes. Without such a message (a crash, a bug) everything passes."""
+    report = False
+    for line in stream:
+        explained = os.path.exists(status)
+        report = report or (explained and line.startswith("Traceback (most recent call last):"))  # unprefixed:
+        if not (report or (explained and TORCHRUN_LOG.match(line))):  # torchrun's own, after every process ended
+            sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 def without_nproc(argv: list[str]) -> list[str]:

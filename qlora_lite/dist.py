@@ -239,6 +239,13 @@ def signal_ranks(status_path: str, signum: int) -> None:
             os.kill(int(f.read().strip()), signal.Signals(signum))
 
 
+def reported() -> int | None:
+    """The exit code another rank reported (write_status) under `run --nproc`, else None: a rank whose collective
+    broke because that rank left (out of memory alone, say) leaves with it instead of a traceback."""
+    path = os.environ.get(STATUS_FILE)
+    return read_status(path) if path else None
+
+
 def read_status(path: str) -> int | None:
     try:
         with open(path) as f:

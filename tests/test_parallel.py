@@ -172,6 +172,46 @@ def test_ctrl_c_stops_every_process_at_one_step_with_a_checkpoint(tiny_llama, ti
     assert metrics_steps(run_dir) == list(range(1, stopped + 3))
 
 
+OUT_OF_MEMORY_ON_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":  # the second process of a torchrun: its step 3 runs out of memory
+    import torch
+    import transformers
+
+    real = transformers.Trainer.training_step
+
+    def training_step(self, *args, **kwargs):
+        if self.state.global_step + 1 == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *args, **kwargs)
+
+    transformers.Trainer.training_step = training_step
+"""
+
+
+def test_out_of_memory_on_one_rank_stops_every_rank_with_a_checkpoint_that_resumes(tiny_llama, tiny_data, tmp_path):
+    """One GPU of two runs out of memory (a sitecustomize makes rank 1's step 3 raise what CUDA raises) while the
+    other waits in the gradient exchange: that rank says so once, torchrun stops the other, and --resume goes on
+    from the last checkpoint (save_steps 2)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(OUT_OF_MEMORY_ON_RANK_1)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(recipe_text(tiny_llama, tiny_data, tmp_path / "runs", name="oom"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    oom = subprocess.run([sys.executable, "-m", "qlora_lite", "run", str(recipe), "--nproc", "2", *STEPS], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert oom.returncode == 3, oom.stderr[-3000:]
+    assert oom.stderr.count("CUDA out of memory during step 3") == 1 and "Traceback" not in oom.stderr, oom.stderr
+    assert "checkpoint-2" in oom.stderr and "--resume" in oom.stderr
+    run_dir = tmp_path / "runs" / "oom"
+    assert metrics_steps(run_dir) == [1, 2]
+    again = qlora_lite("run", str(recipe), "--nproc", "2", "--resume", *STEPS)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert metrics_steps(run_dir) == [1, 2, 3, 4]
+
+
 def test_resume_on_another_number_of_processes_says_what_changes(two_runs):
     recipe, runs, _, one = two_runs
     assert one.returncode == 0
