@@ -9,6 +9,7 @@ User errors (recipe, data, model name, run directory, budget) print one message 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -506,13 +507,19 @@ def relay_stderr(stream, status: str) -> None:
     """torchrun's stderr (its own and the processes') to ours, less torchrun's own account of a failure that a
     rank has already explained in one message (its status file exists): the log lines and the ChildFailedError
     report that name the exit codes. Without such a message (a crash, a bug) everything passes."""
+    import signal
+
+    # A signal the kernel hands to this thread would leave the main thread asleep in child.wait(), and a Ctrl-C
+    # unseen until torchrun ended: this thread takes none
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
     report = False
     for line in stream:
         explained = os.path.exists(status)
         report = report or (explained and line.startswith("Traceback (most recent call last):"))  # unprefixed:
         if not (report or (explained and TORCHRUN_LOG.match(line))):  # torchrun's own, after every process ended
-            sys.stderr.write(line)
-            sys.stderr.flush()
+            with contextlib.suppress(OSError, ValueError):  # our stderr gone: keep draining, or torchrun blocks
+                sys.stderr.write(line)
+                sys.stderr.flush()
 
 
 def without_nproc(argv: list[str]) -> list[str]:
