@@ -9,11 +9,9 @@ User errors (recipe, data, model name, run directory, budget) print one message 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
-import re
 import socket
 import sys
 import threading
@@ -471,28 +469,24 @@ def launch(nproc: int, argv: list[str], recipe) -> int:
         env.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)) if device == "cpu" else "1")
         env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")  # after a Ctrl-C: time to finish a step and save
         if not any(a.startswith("--debug") for a in argv):
-            env.setdefault("LOGLEVEL", "ERROR")  # torchrun's own notices
-        if sys.stderr.isatty():  # the processes' stderr reaches the terminal through relay_stderr's pipe
-            env.setdefault("FORCE_COLOR", "1")
-        child = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                  f"--nproc_per_node={nproc}", "-m", "qlora_lite", *without_nproc(argv)], env=env,
-                                 start_new_session=True, stderr=subprocess.PIPE, text=True, errors="replace")
-        relay = threading.Thread(target=relay_stderr, args=(child.stderr, status), daemon=True)
-        relay.start()
+            env.setdefault("LOGLEVEL", "CRITICAL")  # torchrun's notices (its failure report covers a failure)
+        child = subprocess.Popen([sys.executable, "-c", "from qlora_lite.cli import torchrun; torchrun()",
+                                  "--standalone", f"--nproc_per_node={nproc}", "-m", "qlora_lite",
+                                  *without_nproc(argv)], env=env, start_new_session=True)
         stop = lambda signum, frame: child.send_signal(signal.SIGTERM)  # noqa: E731 (torchrun ends its processes)
         previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
         try:
             while True:
-                try:
-                    rc = child.wait()
+                try:  # short waits: a Ctrl-C the kernel hands to another thread of this process (the DNS probe's)
+                    rc = child.wait(timeout=0.5)  # would not wake a wait without a timeout until torchrun ended
                     break
+                except subprocess.TimeoutExpired:
+                    continue
                 except KeyboardInterrupt:  # the first: a checkpoint after this step; the second: stop at once
                     dist.signal_ranks(status, signal.SIGINT)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        relay.join()
-        child.stderr.close()
         code = dist.read_status(status)
     if code is None and rc:
         err_console.print(f"[bold red]error:[/] the {nproc} training processes failed (torchrun exit {rc}); "
@@ -500,26 +494,22 @@ def launch(nproc: int, argv: list[str], recipe) -> int:
     return rc if code is None else code
 
 
-TORCHRUN_LOG = re.compile(r"[EWI]\d{4} \d\d:\d\d:\d\d")  # its log lines (glog style), e.g. "E1204 15:56:58.017"
+def torchrun() -> None:
+    """torchrun as `run --nproc` starts it: when a training process has already said what went wrong (it wrote the
+    status file: out of memory on one GPU, say), torchrun's own ChildFailedError report, which only repeats the
+    exit codes, is left out; a failure no process explained (a crash, a bug) keeps it."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
 
-
-def relay_stderr(stream, status: str) -> None:
-    """torchrun's stderr (its own and the processes') to ours, less torchrun's own account of a failure that a
-    rank has already explained in one message (its status file exists): the log lines and the ChildFailedError
-    report that name the exit codes. Without such a message (a crash, a bug) everything passes."""
-    import signal
-
-    # A signal the kernel hands to this thread would leave the main thread asleep in child.wait(), and a Ctrl-C
-    # unseen until torchrun ended: this thread takes none
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
-    report = False
-    for line in stream:
-        explained = os.path.exists(status)
-        report = report or (explained and line.startswith("Traceback (most recent call last):"))  # unprefixed:
-        if not (report or (explained and TORCHRUN_LOG.match(line))):  # torchrun's own, after every process ended
-            with contextlib.suppress(OSError, ValueError):  # our stderr gone: keep draining, or torchrun blocks
-                sys.stderr.write(line)
-                sys.stderr.flush()
+    # LOGLEVEL reaches only some of torchrun's loggers; its process manager's ("sending SIGTERM", "failed
+    # (exitcode: 3)") inherits torch's WARNING
+    logging.getLogger("torch.distributed.elastic").setLevel(os.environ.get("LOGLEVEL", "WARNING"))
+    try:
+        main()  # its arguments are sys.argv[1:]
+    except ChildFailedError:
+        if dist.reported() is None:
+            raise
+        sys.exit(1)
 
 
 def without_nproc(argv: list[str]) -> list[str]:
