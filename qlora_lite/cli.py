@@ -470,6 +470,9 @@ def launch(nproc: int, argv: list[str], recipe) -> int:
         env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")  # after a Ctrl-C: time to finish a step and save
         if not any(a.startswith("--debug") for a in argv):
             env.setdefault("LOGLEVEL", "CRITICAL")  # torchrun's notices (its failure report covers a failure)
+        # Signals blocked by whatever started us would stay pending, here and in every process torchrun starts: a
+        # Ctrl-C unseen until training ended
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
         child = subprocess.Popen([sys.executable, "-c", "from qlora_lite.cli import torchrun; torchrun()",
                                   "--standalone", f"--nproc_per_node={nproc}", "-m", "qlora_lite",
                                   *without_nproc(argv)], env=env, start_new_session=True)

@@ -158,7 +158,7 @@ def test_ctrl_c_stops_every_process_at_one_step_with_a_checkpoint(tiny_llama, ti
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == 130, f"{err[-2000:]}\n--- stdout:\n{out[-2000:]}"
     assert err.count("interrupted") == 1 and "--resume" in err and "Traceback" not in err, err
     checkpoints = list((run_dir / "checkpoints").glob("checkpoint-*"))
     assert len(checkpoints) == 1
