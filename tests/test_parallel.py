@@ -149,9 +149,15 @@ def test_ctrl_c_stops_every_process_at_one_step_with_a_checkpoint(tiny_llama, ti
     run_dir = tmp_path / "runs" / "c"
     steps = [*STEPS, "--set", "train.max_steps=2000", "--set", "train.save_steps=1000"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def as_a_terminal_starts_it():  # a foreground job: SIGINT handled by default, whatever this test process set
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
     proc = subprocess.Popen([sys.executable, "-m", "qlora_lite", "run", str(recipe), "--nproc", "2", *steps],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group, as a terminal's foreground job
+                            start_new_session=True,  # its own process group, as a terminal's foreground job
+                            preexec_fn=as_a_terminal_starts_it)
     deadline = time.monotonic() + 300
     while not ((run_dir / "metrics.jsonl").is_file() and len(metrics_steps(run_dir)) >= 2):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
