@@ -129,9 +129,10 @@ def command(args) -> int:
             dist.write_status(e.exit_code)
         return e.exit_code
     except RuntimeError:  # gloo's "connection closed by peer", NCCL's DistBackendError: another rank left
-        if dist.reported() is None:  # no rank said why: a bug, with its traceback
+        code = dist.reported()
+        if code is None:  # no rank said why: a bug, with its traceback
             raise
-        return dist.reported()  # that rank said why, once; torchrun ends this process if it is still waiting
+        return code  # that rank said why, once; torchrun ends this process if it is still waiting
     except KeyboardInterrupt:  # run and compare say what was kept (Interrupted); a merge may have written part
         partial = args.command == "merge" and os.path.exists(args.out)
         hint = f": {args.out} may hold part of the export; merge again with --force" if partial else ""
